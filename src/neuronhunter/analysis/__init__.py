@@ -1,0 +1,1 @@
+"""Analysis on top of scans: selectivity and verdicts, interventions, attention heads, probes."""

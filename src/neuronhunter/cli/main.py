@@ -1,0 +1,77 @@
+"""The ``neuronhunter`` command line: thin typer commands over the Python API.
+
+Each command group lives in its own module with a ``register(app)`` function. Errors caused by user input are
+:class:`~neuronhunter.errors.NeuronHunterError` and are printed as one line on stderr with a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import typer
+
+from ..errors import NeuronHunterError
+
+app = typer.Typer(
+    name="neuronhunter",
+    help="Neuron-level mechanistic interpretability: scan, hunt, verify, self-report, superposition lab.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Command modules, each owning one group of commands (see their register functions).
+COMMAND_MODULES = ("scan", "hunt", "verify", "circuits", "selfreport", "toy", "browse")
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"{__package__}.{_name}").register(app)
+
+
+@app.callback()
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only log warnings and errors."),
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(show_path=False, show_time=False)])
+    for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the app, turning user errors into one clean line on stderr."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=False)
+    except NeuronHunterError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; nothing half-written was left behind", err=True)
+        return 130
+    except (typer.Exit, SystemExit) as exc:  # --help, explicit exits
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        return int(code or 0)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            typer.echo("error: aborted", err=True)
+            return 1
+        if os.environ.get("NEURONHUNTER_DEBUG"):
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc} (set NEURONHUNTER_DEBUG=1 for a traceback)", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
