@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random models for every architecture, and the real embedded model loaded once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tok():
+    from neuronhunter.models.tiny import gpt2_tokenizer
+
+    return gpt2_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["gpt2", "gpt_neox", "llama"])
+def tiny_any(request):
+    """A tiny random HookedModel of each supported architecture family."""
+    from neuronhunter.models.tiny import tiny_model
+
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    from neuronhunter.models.tiny import tiny_model
+
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from neuronhunter.models.tiny import tiny_model
+
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_neox():
+    from neuronhunter.models.tiny import tiny_model
+
+    return tiny_model("gpt_neox")
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """The real embedded SmolLM2-135M model, loaded once per test session (converted once per machine)."""
+    from neuronhunter.models import load_model
+
+    return load_model("smollm2-135m")
