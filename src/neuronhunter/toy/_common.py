@@ -1,0 +1,93 @@
+"""Helpers shared by the toy experiments: devices, run folders, JSON cleaning, small statistics."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import RunDirError
+from ..io import MANIFEST, write_json
+
+ProgressFn = Callable[[str, int, int], None]
+"""Progress callback ``(description, completed, total)``."""
+
+
+def resolve_device(value: str) -> str:
+    """Validate a device string; ``"auto"`` picks CUDA when available (raises ``ValueError`` for pydantic)."""
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return value
+
+
+def prepare_run_dir(out: str | Path, overwrite: bool, subdirs: tuple[str, ...]) -> Path:
+    """Create the run folder; refuse to overwrite a finished run unless ``overwrite``.
+
+    A previous manifest is removed first, so an interrupted rerun never looks complete.
+    """
+    out = Path(out)
+    if (out / MANIFEST).exists() or (out / "summary.json").exists():
+        if not overwrite:
+            raise RunDirError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
+        (out / MANIFEST).unlink(missing_ok=True)
+    for sub in subdirs:
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_manifest(out: Path, command: str, seeds: Any, elapsed: float) -> None:
+    """Write ``manifest.json`` (versions, seeds, file list) last, marking the run folder complete."""
+    import platform
+
+    from .. import __version__
+
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
+    write_json(
+        out / MANIFEST,
+        {
+            "command": command,
+            "neuronhunter": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "seeds": seeds,
+            "elapsed_s": round(elapsed, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "files": files,
+        },
+    )
+
+
+def clean_json(obj: Any) -> Any:
+    """Recursively replace NaN/inf floats by ``None`` and tensors/tuples by lists, so JSON stays strict."""
+    if isinstance(obj, torch.Tensor):
+        return clean_json(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): clean_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [clean_json(v) for v in obj]
+    return obj
+
+
+def mean(values: list[float]) -> float:
+    """Arithmetic mean; NaN for an empty list."""
+    return sum(values) / len(values) if values else float("nan")
+
+
+def std(values: list[float]) -> float:
+    """Sample standard deviation (n - 1); NaN for fewer than two values."""
+    if len(values) < 2:
+        return float("nan")
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
