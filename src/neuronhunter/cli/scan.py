@@ -1,9 +1,101 @@
-"""CLI commands: scan (placeholder until its issue lands)."""
+"""CLI: ``neuronhunter scan`` — the one-pass neuron scan."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from ..config import ScanConfig, load_config
+from .common import console, parse_int_list, progress_bar
+
+
+def scan_options_to_config(config: Path | None, /, config_cls: type[ScanConfig] = ScanConfig,
+                           **options: object) -> ScanConfig:
+    """Merge a config file with CLI options (options that were given win)."""
+    return load_config(config_cls, config, **options)
+
+
+def run_with_progress(cfg: ScanConfig, *, overwrite: bool, resume: bool, **kwargs: object):
+    """Run a scan with a rich progress bar over tokens."""
+    from ..scan import run_scan
+
+    with progress_bar() as progress:
+        task = progress.add_task("scanning tokens", total=None)
+
+        def update(done: int, total: int | None) -> None:
+            progress.update(task, completed=done, total=total)
+
+        return run_scan(cfg, progress=update, overwrite=overwrite, resume=resume, **kwargs)
+
+
+def print_scan_summary(result, *, top: int = 1) -> None:
+    """Strongest neuron per layer and dead-neuron counts."""
+    from rich.table import Table
+
+    neurons = result.neurons_frame()
+    examples = result.examples_frame()
+    first = examples[examples["rank"] == 0].set_index(["layer", "neuron"])
+    m = result.manifest()
+    t = result.timings
+    console.print(
+        f"[bold]Scanned[/] {m['tokens']:,} tokens in {m['windows']:,} windows of {m['context_length']} "
+        f"({'BOS prepended' if m['prepend_bos'] else 'no BOS'}), {len(m['layers'])} layers x "
+        f"{m['neurons_per_layer']} neurons, {t.get('tokens_per_s', 0):.0f} tok/s"
+    )
+    table = Table(title="Strongest neuron per layer (position 0 excluded)", show_lines=False)
+    for col in ("layer", "neuron", "max", "mean", "active", "dead"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("top example", no_wrap=True, overflow="ellipsis", max_width=60)
+    thr = result.config.threshold
+    for layer, group in neurons.groupby("layer"):
+        best = group.nlargest(top, "max")
+        dead = int(((group["max"] <= thr) | (group["count"] == 0)).sum())
+        for _, row in best.iterrows():
+            key = (int(row["layer"]), int(row["neuron"]))
+            ctx = first.loc[key, "context"] if key in first.index else ""
+            table.add_row(str(layer), str(int(row["neuron"])), f"{row['max']:.2f}", f"{row['mean']:.3f}",
+                          f"{row['frac_active']:.2f}", str(dead), ctx.replace("\n", " ").strip()[-60:])
+    console.print(table)
+    total_dead = int((neurons["max"] <= thr).sum())
+    console.print(f"Dead neurons (never above {thr}): {total_dead} of {len(neurons):,}")
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to app."""
+    @app.command("scan")
+    def scan(
+        model: str = typer.Option(None, "--model", "-m", help="Alias (smollm2-135m, gpt2, pythia-70m), hub id, "
+                                  "local folder or .gguf [default: smollm2-135m]"),
+        corpus: str = typer.Option(None, "--corpus", "-c", help="Text file, folder of .txt, .jsonl, .parquet, "
+                                   "'master' or hf:NAME[:CONFIG][:SPLIT] [default: bundled corpus]"),
+        out: str = typer.Option(None, "--out", "-o", help="Run folder [default: runs/scan]"),
+        layers: str = typer.Option(None, help="Layers to scan, e.g. '0,5,10-12' [default: all]"),
+        neurons_per_layer: int = typer.Option(None, help="Scan only the first N neurons of each layer"),
+        top_k: int = typer.Option(None, help="Top activating windows per neuron [default: 20]"),
+        context_length: int = typer.Option(None, help="Tokens per window incl. BOS [default: 128]"),
+        batch_size: int = typer.Option(None, help="Windows per batch [default: 8]"),
+        max_tokens: int = typer.Option(None, help="Stop after this many corpus tokens"),
+        concepts: str = typer.Option(None, help="Concept lexicon (YAML/JSON) for per-category statistics"),
+        threshold: float = typer.Option(None, help="Active when activation > threshold [default: 0]"),
+        bos: bool = typer.Option(None, "--bos/--no-bos", help="Prepend the model's BOS token [default: yes]"),
+        include_first: bool = typer.Option(None, "--include-first/--exclude-first",
+                                           help="Count position 0 in statistics and top-k [default: exclude]"),
+        device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto [default: cpu]"),
+        dtype: str = typer.Option(None, help="float32, bfloat16 or float16 [default: float32]"),
+        formats: str = typer.Option(None, help="Table formats, e.g. 'parquet,csv' [default: parquet,csv,json]"),
+        seed: int = typer.Option(None, help="Random seed [default: 0]"),
+        config: Path = typer.Option(None, "--config", help="YAML/JSON file with any of these options"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in --out"),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan from its checkpoint"),
+    ) -> None:
+        """Scan every MLP neuron of every layer in one streaming pass and write neurons/examples tables."""
+        cfg = scan_options_to_config(
+            config, model=model, corpus=corpus, out=out, layers=parse_int_list(layers, "--layers"),
+            neurons_per_layer=neurons_per_layer, top_k=top_k, context_length=context_length, batch_size=batch_size,
+            max_tokens=max_tokens, concepts=concepts, threshold=threshold, prepend_bos=bos,
+            include_first=include_first, device=device, dtype=dtype,
+            formats=formats.split(",") if formats else None, seed=seed,
+        )
+        result = run_with_progress(cfg, overwrite=overwrite, resume=resume)
+        print_scan_summary(result)
+        console.print(f"Wrote [bold]{cfg.out}[/] (neurons, examples, stats.pt, config.json, manifest.json)")

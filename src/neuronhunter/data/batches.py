@@ -40,6 +40,7 @@ class Window:
     start: int  # index of the window's first real token within the document's tokens
     ids: list[int]
     labels: np.ndarray | None  # [len(ids), categories] (BOS row all False)
+    source: str = ""  # the document's source (file name, row)
 
 
 @dataclass
@@ -109,7 +110,7 @@ def iter_windows(
                     lab = np.concatenate([np.zeros((1, n_cat), dtype=bool), lab])
             if bos_token_id is not None:
                 chunk = [bos_token_id, *chunk]
-            yield Window(window_id, doc.doc_id, start, chunk, lab)
+            yield Window(window_id, doc.doc_id, start, chunk, lab, doc.source)
             window_id += 1
             seen += len(chunk) - (1 if bos_token_id is not None else 0)
             if max_tokens is not None and seen >= max_tokens:

@@ -286,18 +286,20 @@ class HookedModel:
         stop_at_layer: int | None = None,
         grad: bool = False,
     ) -> Tensor | None:
-        """Run the model; return logits ``[batch, pos, vocab]`` (None when stopped early).
+        """Run the model; return logits ``[batch, pos, vocab]``.
 
-        Runs without autograd unless ``grad=True``.
+        With ``stop_at_layer`` only blocks ``0 .. stop_at_layer - 1`` run (no final norm when stopped earlier, never
+        the unembedding) and None is returned. Runs without autograd unless ``grad=True``.
         """
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         with contextlib.nullcontext() if grad else torch.no_grad():
-            if stop_at_layer is not None and stop_at_layer < self.n_layers:
+            if stop_at_layer is not None:
                 with self.hooks({}, stop_at_layer=stop_at_layer):
+                    base = getattr(self.model, self.model.base_model_prefix, None) or self.model
                     try:
-                        self._base_forward(input_ids, attention_mask)
+                        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                     except _StopForward:
                         pass
                 return None
@@ -305,10 +307,6 @@ class HookedModel:
         return out.logits
 
     __call__ = forward
-
-    def _base_forward(self, input_ids: Tensor, attention_mask: Tensor | None) -> None:
-        base = getattr(self.model, self.model.base_model_prefix, None) or self.model
-        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
 
     def run_with_cache(
         self,

@@ -54,7 +54,7 @@ def tiny_hf_model(family: str = "gpt2", *, n_layers: int = 2, d_model: int = 64,
     )
 
     torch.manual_seed(seed)
-    common = {"bos_token_id": 50256, "eos_token_id": 50256, "pad_token_id": 50256}
+    common = {"bos_token_id": 50256, "eos_token_id": 50256}
     if family == "gpt2":
         cfg = GPT2Config(n_layer=n_layers, n_embd=d_model, n_head=n_heads, n_inner=d_mlp, vocab_size=vocab_size,
                          n_positions=n_ctx, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)

@@ -1,0 +1,110 @@
+"""Validated run configurations (pydantic, unknown keys rejected).
+
+A config can come from the CLI options, a YAML/JSON file (``--config FILE``) or Python. Files are validated with
+the same models; any error becomes a one-line :class:`~neuronhunter.errors.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ScanConfig(StrictModel):
+    """Everything a scan needs. Defaults scan the embedded model on the bundled corpus."""
+
+    model: str = Field("smollm2-135m", description="alias, hub id, local folder or .gguf file")
+    corpus: str | None = Field(None, description="corpus spec (None = bundled corpus; see neuronhunter.data.corpus)")
+    text_field: str = Field("text", description="text field/column for JSONL and Parquet corpora")
+    out: str = Field("runs/scan", description="run folder")
+    layers: list[int] | None = Field(None, description="layers to scan (None = all)")
+    neurons_per_layer: int | None = Field(None, ge=1, description="scan only the first N neurons of each layer")
+    top_k: int = Field(20, ge=1, description="top activating windows kept per neuron")
+    context_length: int = Field(128, ge=2, le=8192, description="tokens per window, BOS included")
+    batch_size: int = Field(8, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="stop after this many corpus tokens")
+    prepend_bos: bool = Field(True, description="prepend the model's BOS token to every window")
+    include_first: bool = Field(False, description="count position 0 (BOS/first token) in statistics and top-k")
+    threshold: float = Field(0.0, description="a neuron is active on a token when its activation > threshold")
+    hist_range: tuple[float, float] = Field((-2.0, 4.0), description="histogram range (under/overflow bins added)")
+    hist_bins: int = Field(60, ge=1, le=10000)
+    context_tokens: tuple[int, int] = Field((12, 4), description="tokens of context left/right of an example")
+    concepts: str | None = Field(None, description="concept lexicon file (YAML/JSON); None = no concept statistics")
+    label_last_token_only: bool = Field(False, description="label only the last token of a multi-token word")
+    case_sensitive: bool = Field(False)
+    device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
+    dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N batches (0 = never)")
+    formats: list[str] = Field(["parquet", "csv", "json"], description="table formats to write")
+
+    @model_validator(mode="after")
+    def _check(self) -> ScanConfig:
+        lo, hi = self.hist_range
+        if not hi > lo:
+            raise ValueError("hist_range must be (low, high) with high > low")
+        bad = set(self.formats) - {"parquet", "csv", "json"}
+        if bad or "parquet" not in self.formats:
+            raise ValueError("formats must include parquet and may add csv and json")
+        if self.layers is not None and any(layer < 0 for layer in self.layers):
+            raise ValueError("layers must be non-negative")
+        return self
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "config"
+    msg = err.get("msg", "invalid value")
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{source}: {where}: {msg}{more}"
+
+
+def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    """Build ``model`` from ``data``, turning validation errors into one-line ConfigErrors."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping from a file (clear one-line errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - yaml/json raise many types
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a mapping of options at the top level")
+    return data
+
+
+def load_config(config_cls: type[M], path: str | Path | None = None, /, **overrides: Any) -> M:
+    """Load ``config_cls`` from an optional file, then apply non-None ``overrides`` (CLI options win)."""
+    data = read_config_file(path) if path is not None else {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate(config_cls, data, str(path) if path is not None else "options")

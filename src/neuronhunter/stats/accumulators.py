@@ -1,0 +1,342 @@
+"""Mergeable streaming statistics for every neuron of a layer at once.
+
+Each accumulator has ``update(...)`` (one batch), ``merge(other)`` (combine two shards), ``state_dict()`` and
+``from_state_dict()`` (checkpoint/resume). Merging two halves of a corpus gives the same result as one pass over
+all of it (up to float rounding), which is what makes resume and multi-machine scans nearly free.
+
+Hot-path shapes (for ``x: [tokens, d]``, the activations of the tokens that count):
+
+* moments: ``x.sum(0)`` and power sums of ``x*x`` reduced per batch in float32, accumulated in float64;
+* fraction active: ``(x > threshold).sum(0)``;
+* histogram of every neuron at once: bin index ``floor((x - lo) / width)`` clamped to under/overflow bins, then
+  one ``bincount`` over ``bin + n_bins * neuron`` (no loop over neurons);
+* per-category sums: ``labels.T @ x`` (``[categories, d]``) in one matmul, plus label counts;
+* top-k windows: each window is reduced to its maximum first (``[windows, d]``), then merged with the running
+  top-k by one ``topk`` over the concatenation; only (value, window id, position) is kept.
+
+No Python loop runs over neurons; memory depends on ``d``, ``k``, bins and categories, never on the token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+F64 = torch.float64
+
+
+class Moments:
+    """Count, power sums (for mean, std, skewness, kurtosis), min, max, and the count above a threshold."""
+
+    def __init__(self, d: int, threshold: float = 0.0) -> None:
+        self.d = d
+        self.threshold = float(threshold)
+        self.count = 0
+        self.s1 = torch.zeros(d, dtype=F64)
+        self.s2 = torch.zeros(d, dtype=F64)
+        self.s3 = torch.zeros(d, dtype=F64)
+        self.s4 = torch.zeros(d, dtype=F64)
+        self.min = torch.full((d,), float("inf"))
+        self.max = torch.full((d,), float("-inf"))
+        self.active = torch.zeros(d, dtype=torch.long)
+
+    def update(
+        self,
+        x: Tensor,
+        x2: Tensor | None = None,
+        *,
+        zero_rows: int = 0,
+        minmax: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """Add a batch ``x: [tokens, d]``.
+
+        Args:
+            x2: ``x * x`` if already computed (shares work with other accumulators).
+            zero_rows: how many rows of ``x`` are zeroed placeholders for excluded tokens (not counted).
+            minmax: per-neuron (min, max) of the counted tokens, if the caller computed them (required when
+                ``zero_rows > 0``, since the placeholders would distort them).
+        """
+        n = x.shape[0] - zero_rows
+        if n <= 0:
+            return
+        x2 = x * x if x2 is None else x2
+        self.count += n
+        self.s1 += x.sum(0).to(F64).cpu()
+        self.s2 += x2.sum(0).to(F64).cpu()
+        self.s3 += (x2 * x).sum(0).to(F64).cpu()
+        self.s4 += (x2 * x2).sum(0).to(F64).cpu()
+        if minmax is None:
+            if zero_rows:
+                raise ValueError("minmax is required with zero_rows")
+            minmax = (x.amin(0), x.amax(0))
+        torch.minimum(self.min, minmax[0].float().cpu(), out=self.min)
+        torch.maximum(self.max, minmax[1].float().cpu(), out=self.max)
+        active = (x > self.threshold).sum(0, dtype=torch.int32).cpu()
+        if zero_rows and 0.0 > self.threshold:
+            active -= zero_rows
+        self.active += active
+
+    def merge(self, other: Moments) -> Moments:
+        self.count += other.count
+        for name in ("s1", "s2", "s3", "s4", "active"):
+            getattr(self, name).add_(getattr(other, name))
+        torch.minimum(self.min, other.min, out=self.min)
+        torch.maximum(self.max, other.max, out=self.max)
+        return self
+
+    def summary(self) -> dict[str, Tensor]:
+        """mean, std (population), skewness, excess kurtosis and fraction active per neuron."""
+        n = max(self.count, 1)
+        mean = self.s1 / n
+        ex2, ex3, ex4 = self.s2 / n, self.s3 / n, self.s4 / n
+        var = (ex2 - mean**2).clamp(min=0)
+        m3 = ex3 - 3 * mean * ex2 + 2 * mean**3
+        m4 = ex4 - 4 * mean * ex3 + 6 * mean**2 * ex2 - 3 * mean**4
+        safe = var > 1e-20
+        skew = torch.where(safe, m3 / var.clamp(min=1e-20) ** 1.5, torch.zeros_like(var))
+        kurt = torch.where(safe, m4 / var.clamp(min=1e-20) ** 2 - 3.0, torch.zeros_like(var))
+        return {"mean": mean, "std": var.sqrt(), "skew": skew, "kurtosis": kurt, "frac_active": self.active / n}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"d": self.d, "threshold": self.threshold, "count": self.count, "s1": self.s1, "s2": self.s2,
+                "s3": self.s3, "s4": self.s4, "min": self.min, "max": self.max, "active": self.active}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Moments:
+        obj = cls(state["d"], state["threshold"])
+        obj.count = int(state["count"])
+        for name in ("s1", "s2", "s3", "s4", "min", "max", "active"):
+            setattr(obj, name, state[name].clone())
+        return obj
+
+
+class Histogram:
+    """Fixed-bin histogram per neuron: ``n_bins`` equal bins on ``[lo, hi)`` plus an underflow and an overflow bin.
+
+    ``counts[:, 0]`` counts values below ``lo``, ``counts[:, -1]`` values at or above ``hi``.
+    """
+
+    def __init__(self, d: int, lo: float = -2.0, hi: float = 4.0, n_bins: int = 60) -> None:
+        if not hi > lo or n_bins < 1:
+            raise ValueError("histogram needs hi > lo and n_bins >= 1")
+        self.d, self.lo, self.hi, self.n_bins = d, float(lo), float(hi), int(n_bins)
+        self.counts = torch.zeros((d, n_bins + 2), dtype=torch.long)
+        self._offsets: Tensor | None = None
+
+    @property
+    def edges(self) -> Tensor:
+        return torch.linspace(self.lo, self.hi, self.n_bins + 1, dtype=F64)
+
+    def bin_of(self, value: float) -> int:
+        """Index (0 = underflow, n_bins + 1 = overflow) of the bin holding ``value``."""
+        raw = int(torch.floor(torch.tensor((value - self.lo) * self.n_bins / (self.hi - self.lo)))) + 1
+        return min(max(raw, 0), self.n_bins + 1)
+
+    def update(self, x: Tensor, *, zero_rows: int = 0) -> None:
+        """Add ``x: [tokens, d]``; ``zero_rows`` rows are zeroed placeholders that are not counted."""
+        if x.shape[0] - zero_rows <= 0:
+            return
+        nb = self.n_bins + 2
+        scale = self.n_bins / (self.hi - self.lo)
+        # bin 0 = underflow, 1..n_bins = regular, n_bins+1 = overflow
+        idx = ((x - self.lo) * scale).floor_().clamp_(-1, self.n_bins).add_(1).to(torch.int32)
+        if self._offsets is None or self._offsets.device != x.device:
+            self._offsets = torch.arange(self.d, device=x.device, dtype=torch.int32) * nb
+        idx += self._offsets
+        counts = torch.bincount(idx.view(-1), minlength=self.d * nb).view(self.d, nb).cpu()
+        if zero_rows:
+            counts[:, self.bin_of(0.0)] -= zero_rows
+        self.counts += counts
+
+    def merge(self, other: Histogram) -> Histogram:
+        if (other.lo, other.hi, other.n_bins) != (self.lo, self.hi, self.n_bins):
+            raise ValueError("cannot merge histograms with different bins")
+        self.counts += other.counts
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"d": self.d, "lo": self.lo, "hi": self.hi, "n_bins": self.n_bins, "counts": self.counts}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Histogram:
+        obj = cls(state["d"], state["lo"], state["hi"], state["n_bins"])
+        obj.counts = state["counts"].clone()
+        return obj
+
+
+class TopK:
+    """The ``k`` windows with the highest per-window maximum, per neuron.
+
+    State: ``values [k, d]`` (descending), ``window [k, d]`` (global window ids, -1 = empty), ``pos [k, d]``
+    (position of the maximum inside the window).
+    """
+
+    def __init__(self, d: int, k: int = 20) -> None:
+        if k < 1:
+            raise ValueError("k must be >= 1")
+        self.d, self.k = d, int(k)
+        self.values = torch.full((k, d), float("-inf"))
+        self.window = torch.full((k, d), -1, dtype=torch.long)
+        self.pos = torch.zeros((k, d), dtype=torch.int32)
+
+    def update(self, wmax: Tensor, wpos: Tensor | Callable[[Tensor, Tensor], Tensor], window_ids: Tensor) -> None:
+        """Merge per-window maxima ``wmax [windows, d]``.
+
+        ``wpos`` is either the positions of the maxima ``[windows, d]`` or a function ``(rows, neurons) -> pos``
+        called only for the (window, neuron) pairs that enter the top-k, so the arg-max of the whole batch is
+        never computed.
+        """
+        wmax = wmax.float().cpu()
+        ids = window_ids.view(-1, 1).expand(-1, self.d).cpu()
+        if not callable(wpos):
+            self._merge_rows(wmax, ids, wpos.cpu())
+            return
+        vals = torch.cat([self.values, wmax])
+        top, idx = vals.topk(self.k, dim=0)
+        new = idx >= self.k
+        pos = torch.cat([self.pos, torch.zeros_like(wmax, dtype=torch.int32)]).gather(0, idx)
+        if bool(new.any()):
+            rows = idx[new] - self.k
+            neurons = torch.nonzero(new)[:, 1]
+            pos[new] = wpos(rows, neurons).to(torch.int32).cpu()
+        self.window = torch.cat([self.window, ids]).gather(0, idx)
+        self.pos = pos
+        self.values = top
+
+    def merge(self, other: TopK) -> TopK:
+        self._merge_rows(other.values, other.window, other.pos)
+        return self
+
+    def _merge_rows(self, values: Tensor, window: Tensor, pos: Tensor) -> None:
+        vals = torch.cat([self.values, values])
+        top, idx = vals.topk(self.k, dim=0)
+        self.window = torch.cat([self.window, window]).gather(0, idx)
+        self.pos = torch.cat([self.pos, pos.to(torch.int32)]).gather(0, idx)
+        self.values = top
+
+    def referenced_windows(self) -> Tensor:
+        """Window ids currently held (for pruning stored window tokens)."""
+        return torch.unique(self.window[self.window >= 0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"d": self.d, "k": self.k, "values": self.values, "window": self.window, "pos": self.pos}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> TopK:
+        obj = cls(state["d"], state["k"])
+        obj.values, obj.window, obj.pos = state["values"].clone(), state["window"].clone(), state["pos"].clone()
+        return obj
+
+
+class ConceptStats:
+    """Per-category sums, sums of squares, maxima and token counts per neuron, plus the unlabelled baseline.
+
+    Rows ``0..C-1`` are the categories; row ``C`` is "unlabelled" (tokens with no category). A token with several
+    labels counts in each of its categories.
+    """
+
+    def __init__(self, d: int, categories: list[str]) -> None:
+        self.d, self.categories = d, list(categories)
+        rows = len(categories) + 1
+        self.sum = torch.zeros((rows, d), dtype=F64)
+        self.sumsq = torch.zeros((rows, d), dtype=F64)
+        self.max = torch.full((rows, d), float("-inf"))
+        self.count = torch.zeros(rows, dtype=torch.long)
+
+    def update(self, x: Tensor, labels: Tensor, x2: Tensor | None = None, keep: Tensor | None = None) -> None:
+        """``x: [tokens, d]`` activations, ``labels: [tokens, C]`` bool; ``keep: [tokens]`` bool rows that count."""
+        if x.shape[0] == 0:
+            return
+        x2 = x * x if x2 is None else x2
+        onehot = torch.cat([labels, ~labels.any(1, keepdim=True)], dim=1).to(x.dtype)  # [tokens, C+1]
+        if keep is not None:
+            onehot *= keep.to(x.dtype).unsqueeze(1)
+        self.sum += (onehot.T @ x).to(F64).cpu()
+        self.sumsq += (onehot.T @ x2).to(F64).cpu()
+        counts = onehot.sum(0).long().cpu()
+        self.count += counts
+        for c in torch.nonzero(counts).view(-1).tolist():
+            rows = x[onehot[:, c].bool()]
+            torch.maximum(self.max[c], rows.amax(0).float().cpu(), out=self.max[c])
+
+    def merge(self, other: ConceptStats) -> ConceptStats:
+        if other.categories != self.categories:
+            raise ValueError("cannot merge concept statistics over different categories")
+        self.sum += other.sum
+        self.sumsq += other.sumsq
+        self.count += other.count
+        torch.maximum(self.max, other.max, out=self.max)
+        return self
+
+    def means(self) -> Tensor:
+        """``[C+1, d]`` mean activation per category (NaN where a category has no tokens)."""
+        n = self.count.to(F64).unsqueeze(1)
+        return torch.where(n > 0, self.sum / n.clamp(min=1), torch.full_like(self.sum, float("nan")))
+
+    def stds(self) -> Tensor:
+        n = self.count.to(F64).unsqueeze(1).clamp(min=1)
+        mean = self.sum / n
+        return (self.sumsq / n - mean**2).clamp(min=0).sqrt()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"d": self.d, "categories": self.categories, "sum": self.sum, "sumsq": self.sumsq, "max": self.max,
+                "count": self.count}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> ConceptStats:
+        obj = cls(state["d"], state["categories"])
+        for name in ("sum", "sumsq", "max", "count"):
+            setattr(obj, name, state[name].clone())
+        return obj
+
+
+class PositionStats:
+    """Mean activation per position in the window (position 0 included), and the maximum and active count at
+    position 0.
+
+    This is where the "sequence-starter trap" is seen: a neuron whose mean at position 0 dwarfs its mean elsewhere.
+    """
+
+    def __init__(self, d: int, n_positions: int, threshold: float = 0.0) -> None:
+        self.d, self.n_positions, self.threshold = d, int(n_positions), float(threshold)
+        self.sum = torch.zeros((n_positions, d), dtype=F64)
+        self.count = torch.zeros(n_positions, dtype=torch.long)
+        self.first_max = torch.full((d,), float("-inf"))
+        self.first_active = torch.zeros(d, dtype=torch.long)
+
+    def update(self, acts: Tensor, mask: Tensor) -> None:
+        """``acts: [batch, pos, d]``, ``mask: [batch, pos]`` (1 for real tokens)."""
+        t = acts.shape[1]
+        m = mask.to(acts.dtype)
+        self.sum[:t] += torch.einsum("bt,btd->td", m, acts).to(F64).cpu()
+        self.count[:t] += mask.sum(0).long().cpu()
+        first = acts[:, 0][mask[:, 0].bool()]
+        if first.shape[0]:
+            torch.maximum(self.first_max, first.amax(0).float().cpu(), out=self.first_max)
+            self.first_active += (first > self.threshold).sum(0).cpu()
+
+    def merge(self, other: PositionStats) -> PositionStats:
+        self.sum += other.sum
+        self.count += other.count
+        self.first_active += other.first_active
+        torch.maximum(self.first_max, other.first_max, out=self.first_max)
+        return self
+
+    def means(self) -> Tensor:
+        """``[positions, d]`` mean activation per position (NaN where no token was seen)."""
+        n = self.count.to(F64).unsqueeze(1)
+        return torch.where(n > 0, self.sum / n.clamp(min=1), torch.full_like(self.sum, float("nan")))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"d": self.d, "n_positions": self.n_positions, "threshold": self.threshold, "sum": self.sum,
+                "count": self.count, "first_max": self.first_max, "first_active": self.first_active}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> PositionStats:
+        obj = cls(state["d"], state["n_positions"], state["threshold"])
+        for name in ("sum", "count", "first_max", "first_active"):
+            setattr(obj, name, state[name].clone())
+        return obj
