@@ -32,7 +32,7 @@ from .config import ScanConfig
 from .data.batches import TokenLabeller, Window, iter_batches, iter_windows
 from .data.corpus import Corpus
 from .errors import ConfigError, RunDirError
-from .io import MANIFEST, atomic_path, write_json
+from .io import MANIFEST, atomic_path
 from .models.hooked import HookedModel
 from .models.sites import Site
 from .stats.layer import LayerStats, StatsSpec
@@ -268,11 +268,11 @@ def run_scan(
 
         labeller = ConceptLabeller(cfg.concepts, case_sensitive=cfg.case_sensitive,
                                    last_token_only=cfg.label_last_token_only)
+    Corpus(cfg.corpus, text_field=cfg.text_field).check()  # fail early, before loading the model
     if model is None:
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     timings["load_s"] = time.perf_counter() - t0
     scanner = Scanner(model, cfg, labeller)
-    scanner.corpus.check()
     out = Path(cfg.out)
     key = cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every"})
     state = None

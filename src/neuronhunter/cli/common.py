@@ -61,3 +61,29 @@ def parse_int_list(text: str | None, what: str) -> list[int] | None:
     except ValueError:
         raise ConfigError(f"{what} must be integers like '0,2,5-7', got {text!r}") from None
     return out
+
+
+class LazyProgress:
+    """A progress callback ``(done, total)`` whose bar appears on the first update only.
+
+    Validation errors raised before any work starts then print as one clean line, with no empty bar above them.
+    """
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.progress: Progress | None = None
+        self.task: int | None = None
+
+    def __call__(self, done: int, total: int | None) -> None:
+        if self.progress is None:
+            self.progress = progress_bar()
+            self.progress.start()
+            self.task = self.progress.add_task(self.description, total=total)
+        self.progress.update(self.task, completed=done, total=total)
+
+    def __enter__(self) -> LazyProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()

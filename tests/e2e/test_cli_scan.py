@@ -1,0 +1,82 @@
+"""The scan command end to end (in-process), with a tiny model saved as a local HF folder, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from neuronhunter.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from neuronhunter.models.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", "gpt2")
+
+
+@pytest.fixture()
+def text_file(tmp_path):
+    p = tmp_path / "doc.txt"
+    p.write_text("The river ran past the mill and the baker sold bread to the miller. " * 8)
+    return p
+
+
+def test_scan_cli_writes_run(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["scan", "--model", str(tiny_folder), "--corpus", str(text_file), "--out", str(out),
+                 "--context-length", "32", "--top-k", "5", "--layers", "0-1"])
+    assert code == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "Strongest neuron per layer" in text and "Dead neurons" in text
+    neurons = pd.read_parquet(out / "neurons.parquet")
+    assert set(neurons.layer) == {0, 1} and len(neurons) == 2 * 128
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["source"] == "local" and manifest["context_length"] == 32
+    # a second run refuses to clobber it
+    assert main(["scan", "--model", str(tiny_folder), "--corpus", str(text_file), "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_scan_with_config_file(tiny_folder, text_file, tmp_path, capsys):
+    cfg = tmp_path / "scan.yaml"
+    cfg.write_text(f"model: {tiny_folder}\ncorpus: {text_file}\ncontext_length: 24\ntop_k: 2\nlayers: [1]\n"
+                   f"formats: [parquet]\nout: {tmp_path / 'r'}\n")
+    assert main(["scan", "--config", str(cfg), "--top-k", "3"]) == 0
+    ex = pd.read_parquet(tmp_path / "r" / "examples.parquet")
+    assert ex["rank"].max() == 2  # the option overrode the file
+    assert not (tmp_path / "r" / "neurons.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "no-such-model"], "unknown model"),
+        (["--model", "someorg/definitely-not-a-model-xyz"], "cannot be reached"),
+        (["--corpus", "MISSING.txt"], "corpus not found"),
+        (["--corpus", "EMPTY"], "empty"),
+        (["--corpus", "BINARY"], "not a text file"),
+        (["--layers", "0,9"], "layer 9 is out of range"),
+        (["--layers", "a-b"], "--layers must be integers"),
+        (["--top-k", "0"], "top_k"),
+        (["--config", "BADCFG"], "unknown key"),
+        (["--config", "BADYAML"], "not valid YAML"),
+        (["--context-length", "1"], "context_length"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_folder, text_file, tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "EMPTY").write_text("  \n")
+    (tmp_path / "BINARY").write_bytes(b"\x00\xff\x00")
+    (tmp_path / "BADCFG").write_text("model: x\nlayerz: [1]\n")
+    (tmp_path / "BADYAML").write_text("model: [unclosed\n")
+    monkeypatch.chdir(tmp_path)
+    base = ["scan", "--model", str(tiny_folder), "--corpus", str(text_file), "--out", str(tmp_path / "bad")]
+    code = main(base + args)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "bad" / "manifest.json").exists()
