@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from .io import MANIFEST, atomic_path
 from .models.hooked import HookedModel
 from .models.sites import Site
 from .stats.layer import LayerStats, StatsSpec
+
+if TYPE_CHECKING:
+    from .results import ScanResult
 
 log = logging.getLogger(__name__)
 
