@@ -167,3 +167,11 @@ def test_master_text_covers_every_category(categories):
     counts = {name: len(_spans(_compile_category(entry), text)) for name, entry in categories.items()}
     thin = {name: n for name, n in counts.items() if n < MIN_MASTER_HITS}
     assert not thin, f"categories below {MIN_MASTER_HITS} hits in master text: {thin} (all: {counts})"
+
+
+def test_package_loader_accepts_bundled_lexicon():
+    """The bundled lexicon also passes the package's own (stricter, pydantic) loader."""
+    concepts = pytest.importorskip("neuronhunter.data.concepts")
+    lexicon = concepts.load_lexicon(CONCEPTS)
+    assert set(lexicon.categories) >= {*LEXICAL, "date", "numeric", "function"}
+    assert [n for n, c in lexicon.categories.items() if c.control] == ["function"]
