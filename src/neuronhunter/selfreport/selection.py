@@ -1,0 +1,284 @@
+"""Choosing target neurons (the ``NeuronScanner`` role).
+
+A self-report experiment needs a neuron worth reporting: one that varies (``variance``), or fires rarely but
+strongly (``kurtosis``: heavy right tail; ``density``: a low fraction of tokens above ``active_threshold``). The
+statistics come from one of three sources:
+
+* ``explicit``: the config names the neurons; their statistics are still measured (a fresh scan of their layers)
+  so ``selection.json`` says what the chosen neurons look like.
+* ``scan``: a small self-contained scan of the candidate layers over the first ``scan_tokens`` tokens of the
+  *training* documents (never validation/test text). Per neuron and layer it accumulates power sums of the
+  activation in float64 (shifted by a first-batch mean to avoid cancellation) and derives mean, std, min, max,
+  excess kurtosis ``m4 / m2^2 - 3`` and the fraction of tokens above ``active_threshold``. Position 0 (BOS, the
+  attention sink with atypical activations) is never counted.
+* ``run``: a scan run folder's ``neurons.parquet`` (``layer``, ``neuron`` and the statistics columns; after a
+  hunt also ``verdict`` and ``top_category`` for the ``verdict``/``category`` filters).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, RunDirError
+from ..models import HookedModel, Site
+from .config import DatasetConfig, NeuronRef, SelectionConfig
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+STAT_COLUMNS = ["layer", "neuron", "count", "mean", "std", "min", "max", "frac_active", "kurtosis"]
+
+
+@dataclass
+class Selection:
+    """The chosen neurons, why they were chosen, and the best-ranked candidates."""
+
+    neurons: list[NeuronRef]
+    chosen: Any  # pandas DataFrame: one row per chosen neuron (stats, score, rank)
+    candidates: Any  # pandas DataFrame: the top candidates after filtering
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.info,
+            "neurons": [
+                {"neuron": str(n), "layer": n.layer, "index": n.neuron, **_row_dict(self.chosen, n)}
+                for n in self.neurons
+            ],
+            "top_candidates": self.candidates.head(20).to_dict(orient="records"),
+        }
+
+
+def _row_dict(df: Any, n: NeuronRef) -> dict[str, Any]:
+    rows = df[(df["layer"] == n.layer) & (df["neuron"] == n.neuron)]
+    if rows.empty:
+        return {}
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in rows.iloc[0].to_dict().items()
+            if k not in ("layer", "neuron")}
+
+
+# --------------------------------------------------------------------------------------------------- scanning
+def scan_stats(
+    hooked: HookedModel,
+    windows_ids: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    layers: list[int],
+    *,
+    active_threshold: float = 0.0,
+) -> Any:
+    """Per-neuron statistics of ``mlp.hook_post`` at ``layers`` over batches ``(input_ids, attention_mask)``.
+
+    Position 0 of every row is skipped (BOS). Returns a DataFrame with :data:`STAT_COLUMNS`.
+    """
+    import pandas as pd
+
+    layers = hooked.check_layers(layers)
+    sites = [Site.mlp_post(L) for L in layers]
+    d = hooked.d_mlp
+    n_l = len(layers)
+    shift: torch.Tensor | None = None
+    sums = torch.zeros(4, n_l, d, dtype=torch.float64)  # power sums of (x - shift)
+    amax = torch.full((n_l, d), -torch.inf, dtype=torch.float64)
+    amin = torch.full((n_l, d), torch.inf, dtype=torch.float64)
+    active = torch.zeros(n_l, d, dtype=torch.float64)
+    count = 0
+    with hooked.capture(sites, stop_at_layer=max(layers) + 1) as cache:
+        for ids, mask in windows_ids:
+            hooked.forward(ids, mask, stop_at_layer=max(layers) + 1)
+            keep = mask.bool().clone()
+            keep[:, 0] = False
+            if not keep.any():
+                continue
+            # acts: [layers, tokens, d_mlp]
+            acts = torch.stack([cache[s][keep.to(cache[s].device)] for s in sites]).to(torch.float64).cpu()
+            if shift is None:
+                shift = acts.mean(1)
+            x = acts - shift[:, None, :]
+            p = x.clone()
+            for k in range(4):
+                sums[k] += p.sum(1)
+                if k < 3:
+                    p = p * x
+            amax = torch.maximum(amax, acts.amax(1))
+            amin = torch.minimum(amin, acts.amin(1))
+            active += (acts > active_threshold).sum(1)
+            count += acts.shape[1]
+    if count < 2 or shift is None:
+        raise ConfigError("the selection scan saw fewer than 2 tokens; raise selection.scan_tokens")
+    m1, r2, r3, r4 = (sums[k] / count for k in range(4))
+    m2 = (r2 - m1**2).clamp(min=0)
+    m4 = r4 - 4 * m1 * r3 + 6 * m1**2 * r2 - 3 * m1**4
+    kurt = torch.where(m2 > 1e-20, m4 / m2.clamp(min=1e-20) ** 2 - 3.0, torch.zeros_like(m2))
+    mean = m1 + shift
+    frame = pd.DataFrame(
+        {
+            "layer": np.repeat(np.array(layers, dtype=np.int64), d),
+            "neuron": np.tile(np.arange(d, dtype=np.int64), n_l),
+            "count": np.full(n_l * d, count, dtype=np.int64),
+            "mean": mean.reshape(-1).numpy(),
+            "std": m2.sqrt().reshape(-1).numpy(),
+            "min": amin.reshape(-1).numpy(),
+            "max": amax.reshape(-1).numpy(),
+            "frac_active": (active / count).reshape(-1).numpy(),
+            "kurtosis": kurt.reshape(-1).numpy(),
+        }
+    )
+    return frame
+
+
+class NeuronScanner:
+    """Selects target neurons by explicit reference, a fresh scan or a scan run (see the module docstring).
+
+    Args:
+        hooked: the model.
+        config: the selection section.
+        dataset: the dataset section (corpus, context length and split, for the fresh scan).
+        progress: optional ``(description, done, total)`` callback.
+    """
+
+    def __init__(self, hooked: HookedModel, config: SelectionConfig, dataset: DatasetConfig,
+                 *, progress: ProgressFn | None = None) -> None:
+        self.hooked = hooked
+        self.config = config
+        self.dataset = dataset
+        self.progress = progress
+
+    # ------------------------------------------------------------------------------------------ public
+    def select(self) -> Selection:
+        cfg = self.config
+        if cfg.source == "explicit":
+            for n in cfg.neurons:
+                self._check_neuron(n)
+            layers = sorted({n.layer for n in cfg.neurons})
+            stats = self.fresh_scan(layers)
+            chosen = self._pick_rows(stats, cfg.neurons)
+            chosen = chosen.assign(score=np.nan, rank=np.arange(1, len(chosen) + 1))
+            info = {"source": "explicit", "reason": "named in the config",
+                    "scan_tokens": int(stats["count"].iloc[0])}
+            return Selection(list(cfg.neurons), chosen, chosen, info)
+        if cfg.source == "scan":
+            layers = cfg.layers if cfg.layers is not None else list(range(self.hooked.n_layers))
+            stats = self.fresh_scan(layers)
+            info = {"source": "scan", "layers": self.hooked.check_layers(layers),
+                    "scan_tokens": int(stats["count"].iloc[0])}
+        else:
+            stats = self.read_run(Path(cfg.run or ""))
+            info = {"source": "run", "run": str(cfg.run)}
+            if cfg.layers is not None:
+                stats = stats[stats["layer"].isin(cfg.layers)]
+        return self._rank(stats, info)
+
+    def fresh_scan(self, layers: list[int]) -> Any:
+        """Statistics of ``layers`` over the first ``scan_tokens`` tokens of the training documents."""
+        from .dataset import split_documents
+
+        ds = self.dataset
+        docs = split_documents(ds)[0]["train"]
+        from ..data import iter_batches, iter_windows
+
+        windows = iter_windows(docs, self.hooked.tokenizer, context_length=ds.context_length,
+                               bos_token_id=self.hooked.bos_token_id, max_tokens=self.config.scan_tokens)
+        pad = self.hooked.tokenizer.pad_token_id or 0
+        total = self.config.scan_tokens
+        done = [0]
+
+        def batches():
+            for batch, _ in iter_batches(windows, batch_size=8, pad_token_id=pad, has_bos=True):
+                yield batch.input_ids, batch.attention_mask
+                done[0] += int(batch.attention_mask[:, 1:].sum())
+                if self.progress:
+                    self.progress("scanning neurons", min(done[0], total), total)
+
+        return scan_stats(self.hooked, batches(), layers, active_threshold=self.config.active_threshold)
+
+    def read_run(self, run: Path) -> Any:
+        """Read a scan run's ``neurons.parquet``."""
+        import pandas as pd
+
+        path = run / "neurons.parquet"
+        if not path.is_file():
+            raise RunDirError(f"scan run {run} has no neurons.parquet; run `neuronhunter scan` first")
+        df = pd.read_parquet(path)
+        missing = [c for c in ("layer", "neuron") if c not in df.columns]
+        if missing:
+            raise RunDirError(f"{path} has no column {missing[0]!r}; is it a neuronhunter scan table?")
+        cfg_file = run / "config.json"
+        if cfg_file.is_file():
+            import json
+
+            try:
+                model = json.loads(cfg_file.read_text()).get("model")
+            except (OSError, ValueError):
+                model = None
+            if model and model != self.hooked.name:
+                log.warning("scan run %s used model %r; this experiment uses %r", run, model, self.hooked.name)
+        bad = df[(df["layer"] >= self.hooked.n_layers) | (df["neuron"] >= self.hooked.d_mlp)]
+        if len(bad):
+            raise ConfigError(f"scan run {run} has neurons outside this model ({self.hooked.name}); wrong model?")
+        return df
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def _check_neuron(self, n: NeuronRef) -> None:
+        if n.layer >= self.hooked.n_layers:
+            raise ConfigError(f"neuron {n}: layer {n.layer} is out of range (0..{self.hooked.n_layers - 1})")
+        if n.neuron >= self.hooked.d_mlp:
+            raise ConfigError(f"neuron {n}: index {n.neuron} is out of range (0..{self.hooked.d_mlp - 1})")
+
+    @staticmethod
+    def _pick_rows(stats: Any, neurons: list[NeuronRef]) -> Any:
+        import pandas as pd
+
+        rows = [stats[(stats["layer"] == n.layer) & (stats["neuron"] == n.neuron)] for n in neurons]
+        return pd.concat(rows, ignore_index=True)
+
+    def _rank(self, stats: Any, info: dict[str, Any]) -> Selection:
+        cfg = self.config
+        where = "the scan run" if cfg.source == "run" else "the scan"
+
+        def need(col: str, why: str) -> None:
+            if col not in stats.columns:
+                raise ConfigError(f"{where} has no {col!r} column, needed for {why}")
+
+        df = stats
+        if cfg.min_frac_active > 0 or cfg.max_frac_active < 1 or cfg.criterion == "density":
+            need("frac_active", "the frac_active filters / density criterion")
+            df = df[(df["frac_active"] >= cfg.min_frac_active) & (df["frac_active"] <= cfg.max_frac_active)]
+        if cfg.verdict is not None:
+            need("verdict", "the verdict filter (run `neuronhunter hunt` on the scan first)")
+            df = df[df["verdict"].astype(str) == cfg.verdict]
+        if cfg.category is not None:
+            need("top_category", "the category filter (run `neuronhunter hunt` on the scan first)")
+            df = df[df["top_category"].astype(str) == cfg.category]
+        if cfg.criterion == "variance":
+            if "std" in df.columns:
+                score = df["std"].astype(float) ** 2
+            else:
+                need("var", "the variance criterion")
+                score = df["var"].astype(float)
+            ascending = False
+        elif cfg.criterion == "kurtosis":
+            need("kurtosis", "the kurtosis criterion")
+            score, ascending = df["kurtosis"].astype(float), False
+        else:
+            score, ascending = df["frac_active"].astype(float), True
+        df = df.assign(score=score).dropna(subset=["score"])
+        if df.empty:
+            raise ConfigError("no neuron passes the selection filters (frac_active bounds, verdict, category)")
+        df = df.sort_values(["score", "layer", "neuron"], ascending=[ascending, True, True]).reset_index(drop=True)
+        df = df.assign(rank=np.arange(1, len(df) + 1))
+        chosen = df.head(cfg.count)
+        neurons = [NeuronRef(layer=int(r.layer), neuron=int(r.neuron)) for r in chosen.itertuples()]
+        for n in neurons:
+            self._check_neuron(n)
+        order = "lowest" if ascending else "highest"
+        filters = {"min_frac_active": cfg.min_frac_active, "max_frac_active": cfg.max_frac_active,
+                   "active_threshold": cfg.active_threshold, "verdict": cfg.verdict, "category": cfg.category}
+        info = {**info, "criterion": cfg.criterion, "filters": filters, "n_candidates": int(len(df)),
+                "reason": f"{order} {cfg.criterion} among {len(df)} candidate neurons after filtering"}
+        return Selection(neurons, chosen.reset_index(drop=True), df.head(50), info)
