@@ -170,7 +170,8 @@ def parse_units(values: Sequence[int], what: str = "neuron") -> list[tuple[int, 
     return [(int(values[i]), int(values[i + 1])) for i in range(0, len(values), 2)]
 
 
-def _group(model: HookedModel, units: Iterable[tuple[int, int]], kind: str) -> dict[Site, list[int]]:
+def group_units(model: HookedModel, units: Iterable[tuple[int, int]], kind: str) -> dict[Site, list[int]]:
+    """Group ``(layer, index)`` pairs by site (checking ranges): ``{Site(layer, kind): [indices]}``."""
     size = model.n_heads if kind == "attn.hook_z" else model.d_mlp
     what = "head" if kind == "attn.hook_z" else "neuron"
     out: dict[Site, list[int]] = {}
@@ -190,7 +191,7 @@ def _ablation(model: HookedModel, units: Iterable[tuple[int, int]], kind: str, m
     if method not in METHODS:
         raise ConfigError(f"unknown ablation method {method!r}; use one of {', '.join(METHODS)}")
     out: dict[Site, Intervention] = {}
-    for site, idx in _group(model, units, kind).items():
+    for site, idx in group_units(model, units, kind).items():
         if method == "zero":
             out[site] = zero_ablate(idx, positions)
         elif method == "mean":
@@ -278,13 +279,13 @@ def reference_means(model: HookedModel, sites: Iterable[Site | str], batches: It
 
 
 # ------------------------------------------------------------------------------------------------ corpus helpers
-def load_concept_labeller(path: str | None = None) -> Any:
-    """The concept labeller of :mod:`neuronhunter.data.concepts` (bundled categories, or a categories file)."""
+def load_concept_labeller(path: str | None = None, **options: Any) -> Any:
+    """The concept labeller of :mod:`neuronhunter.data.concepts` (bundled lexicon, or a lexicon file)."""
     try:
         from ..data.concepts import load_labeller
     except ImportError:
         raise ConfigError("concept labelling is not available in this installation (neuronhunter.data.concepts)") from None
-    return load_labeller(path)
+    return load_labeller(path, **options)
 
 
 def corpus_batches(model: HookedModel, corpus: Any = None, *, context_length: int = 128, max_tokens: int | None = 4096,
@@ -413,7 +414,7 @@ def ablation_factory(model: HookedModel, *, neurons: Iterable[tuple[int, int]] =
         raise ConfigError("nothing to ablate: give neurons or heads")
     if method not in METHODS:
         raise ConfigError(f"unknown ablation method {method!r}; use one of {', '.join(METHODS)}")
-    sites = list(_group(model, neurons, "mlp.hook_post")) + list(_group(model, heads, "attn.hook_z"))
+    sites = list(group_units(model, neurons, "mlp.hook_post")) + list(group_units(model, heads, "attn.hook_z"))
     if method != "resample":
         fixed = combine(neuron_ablation(model, neurons, method, means=means),
                         head_ablation(model, heads, method, means=means))
@@ -499,7 +500,7 @@ def ablation_effect(model: HookedModel, batches: Sequence[Any], *, neurons: Iter
     """
     neurons, heads = list(neurons), list(heads)
     if method == "mean" and means is None:
-        sites = list(_group(model, neurons, "mlp.hook_post")) + list(_group(model, heads, "attn.hook_z"))
+        sites = list(group_units(model, neurons, "mlp.hook_post")) + list(group_units(model, heads, "attn.hook_z"))
         means = reference_means(model, sites, batches)
     make = ablation_factory(model, neurons=neurons, heads=heads, method=method, means=means)
     tokens = TokenTable.from_batches(batches)

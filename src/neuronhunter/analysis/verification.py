@@ -15,7 +15,8 @@ The hunt labels neurons from correlations (which concepts they fire on). ``verif
 
 3. **Baseline.** ``n_random`` random neurons of the same layer are ablated the same way and scored against the
    same category tokens. A claim is **causally confirmed** when ``causal_effect > 0``, the category has at least
-   ``min_tokens`` tokens, and ``z = (causal_effect - mean_random) / std_random >= z_threshold``.
+   ``min_tokens`` tokens, ``z = (causal_effect - mean_random) / std_random >= z_threshold``, and the effect beats
+   every random neuron (an empirical p-value of ``1 / (n_random + 1)``; raise ``n_random`` for stronger claims).
 
 ``neurons.parquet`` gains ``causal_effect``, ``causal_z`` and ``causally_confirmed`` (NaN / NaN / False for neurons
 that were not tested); ``verification.parquet`` holds the details and ``verification.json`` the summary.
@@ -77,7 +78,9 @@ def run_settings(run: str | Path) -> dict[str, Any]:
     cfg = read_json(run / "config.json") if (run / "config.json").exists() else {}
     return {"model": cfg.get("model") or "smollm2-135m", "corpus": cfg.get("corpus"),
             "context_length": int(cfg.get("context_length") or 128), "prepend_bos": bool(cfg.get("prepend_bos", True)),
-            "categories_file": cfg.get("categories_file")}
+            "categories_file": cfg.get("categories_file") or cfg.get("concepts"),
+            "labeller_options": {"last_token_only": bool(cfg.get("label_last_token_only", False)),
+                                 "case_sensitive": bool(cfg.get("case_sensitive", False))}}
 
 
 def _as_list(value: Any) -> list[str]:
@@ -192,14 +195,17 @@ def verify_neurons(model: HookedModel, batches: Sequence[Any], categories: Seque
         b_mean = float(base.mean()) if len(base) else float("nan")
         b_std = float(base.std(ddof=1)) if len(base) > 1 else float("nan")
         z = (effect - b_mean) / max(b_std, 1e-9) if np.isfinite(effect) and np.isfinite(b_std) else float("nan")
-        confirmed = bool(np.isfinite(z) and effect > 0 and z >= cfg.z_threshold and mask.sum() >= cfg.min_tokens)
+        b_max = float(base.max()) if len(base) else float("nan")
+        confirmed = bool(np.isfinite(z) and effect > 0 and z >= cfg.z_threshold and effect > b_max
+                         and mask.sum() >= cfg.min_tokens)
         rows.append({"layer": unit[0], "neuron": unit[1], "verdict": r.verdict,
                      "top_category": getattr(r, "top_category", claimed[0] if claimed else None),
                      "claimed": _as_list(r.claimed), "n_category_tokens": int(mask.sum()),
                      "delta_category": float(d[mask].mean()) if mask.any() else float("nan"),
                      "delta_other": float(d[~mask].mean()) if (~mask).any() else float("nan"),
                      "delta_all": float(d.mean()), "causal_effect": effect, "baseline_mean": b_mean,
-                     "baseline_std": b_std, "causal_z": float(z), "causally_confirmed": confirmed})
+                     "baseline_std": b_std, "baseline_max": b_max, "causal_z": float(z),
+                     "causally_confirmed": confirmed})
     return pd.DataFrame(rows)
 
 
@@ -259,7 +265,7 @@ def verify_run(run: str | Path, model: HookedModel | None = None, config: Verify
     if candidates.empty:
         raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)} to verify")
     model = model or load_model(settings["model"])
-    labeller = labeller or load_concept_labeller(settings["categories_file"])
+    labeller = labeller or load_concept_labeller(settings["categories_file"], **settings["labeller_options"])
     batches = corpus_batches(model, corpus if corpus is not None else settings["corpus"],
                              context_length=settings["context_length"], max_tokens=cfg.max_tokens,
                              batch_size=cfg.batch_size, prepend_bos=settings["prepend_bos"], labeller=labeller)
