@@ -71,6 +71,17 @@ def load_lexicon(source: str | Path | dict[str, Any] | Lexicon | None = None) ->
     return lex
 
 
+_ES_PLURAL = ("s", "x", "z", "ch", "sh", "o")
+
+
+def _word_regex(word: str, plural: bool) -> str:
+    """Regex for one lexicon entry: its words separated by any white space, plus an optional regular plural."""
+    body = r"\s+".join(re.escape(part) for part in word.split())
+    if not plural:
+        return body
+    return body + ("(?:es)?" if word.endswith(_ES_PLURAL) else "s?")
+
+
 class ConceptLabeller:
     """Labels tokens with categories using word matches and the tokenizer's character offsets.
 
@@ -78,7 +89,8 @@ class ConceptLabeller:
         lexicon: a :class:`Lexicon`, a path, a mapping, or None for the bundled default.
         case_sensitive: match words with their case (default: case-insensitive).
         last_token_only: label only the last token of a multi-token match.
-        plurals: also match word entries followed by ``s``/``es`` ("cats" for "cat").
+        plurals: also match regular English plurals of word entries ("cats" for "cat", "boxes" for "box"), except
+            in control categories (function words: "us" must not match "uses").
     """
 
     def __init__(self, lexicon: Lexicon | str | Path | dict[str, Any] | None = None, *,
@@ -93,9 +105,8 @@ class ConceptLabeller:
             regs = []
             words = sorted({w.strip() for w in spec.words if w.strip()}, key=len, reverse=True)
             if words:
-                alternation = "|".join(r"\s+".join(re.escape(p) for p in w.split()) for w in words)
-                suffix = r"(?:e?s)?" if plurals else ""
-                regs.append(re.compile(rf"(?<!\w)(?:{alternation}){suffix}(?!\w)", flags))
+                alternation = "|".join(_word_regex(w, plurals and not spec.control) for w in words)
+                regs.append(re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", flags))
             regs.extend(re.compile(p, flags) for p in spec.patterns)
             self._regexes.append(regs)
 
