@@ -292,3 +292,51 @@ def run_hunt(
     if write:
         result.write(Path(cfg.out))
     return result
+
+
+def activation_history(
+    model: HookedModel,
+    layer: int,
+    neuron: int,
+    text: str,
+    labeller: ConceptLabeller,
+    *,
+    context_length: int = 128,
+    prepend_bos: bool = True,
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """A neuron's activation on every token of ``text``, with the tokens' concept labels.
+
+    The text is cut into windows exactly as the scan cuts a document (BOS prepended to each window when asked);
+    the BOS tokens are dropped except the first one, which is returned as token 0.
+
+    Returns:
+        ``(tokens [T], activations [T], labels bool [T, C])``; with ``prepend_bos`` token 0 is the BOS token.
+    """
+    import torch
+
+    from .data.batches import iter_windows
+    from .data.corpus import Document
+    from .errors import SiteError
+    from .models.sites import Site
+
+    model.check_layers([layer])
+    if not 0 <= neuron < model.d_mlp:
+        raise SiteError(f"neuron {neuron} is out of range: layer {layer} has neurons 0..{model.d_mlp - 1}")
+    if not text.strip():
+        raise ConfigError("the text is empty")
+    bos = model.bos_token_id if prepend_bos else None
+    site = Site.mlp_post(layer)
+    ids: list[int] = []
+    acts: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    windows = iter_windows([Document(0, text, "text")], model.tokenizer, context_length=context_length,
+                           bos_token_id=bos, labeller=labeller)
+    for w in windows:
+        keep = 1 if (bos is not None and ids) else 0  # drop repeated BOS tokens after the first window
+        _, cache = model.run_with_cache(torch.tensor([w.ids]), sites=[site], stop_at_layer=layer + 1)
+        a = cache[site][0, :, neuron].float().cpu().numpy()
+        ids.extend(w.ids[keep:])
+        acts.append(a[keep:])
+        labels.append(w.labels[keep:])
+    tokens = model.to_str_tokens(ids)
+    return tokens, np.concatenate(acts), np.concatenate(labels).astype(bool)

@@ -1,9 +1,269 @@
-"""CLI commands: hunt (placeholder until its issue lands)."""
+"""CLI: ``hunt`` (scan + verdicts), ``interpret``, ``query``, ``compare`` and ``plot neuron`` / ``plot map``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
+from ..errors import ConfigError
+from .common import console, parse_int_list, progress_bar
 
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to app."""
+
+def print_frame(df: Any, title: str, *, index: bool = False, floats: str = "{:.3g}", max_rows: int = 60) -> None:
+    """Print a DataFrame as a rich table (index included when ``index``)."""
+    from rich.table import Table
+
+    frame = df.reset_index() if index else df
+    table = Table(title=title, show_lines=False, title_justify="left")
+    for col in frame.columns:
+        text = frame[col].dtype == object
+        table.add_column(str(col), justify="left" if text else "right", no_wrap=True, overflow="ellipsis",
+                         max_width=60, min_width=None if text else min(len(str(col)), 14))
+    for row in frame.head(max_rows).itertuples(index=False):
+        cells = []
+        for v in row:
+            if isinstance(v, float):
+                cells.append(floats.format(v) if v == v else "")
+            else:
+                cells.append(str(v))
+        table.add_row(*cells)
+    console.print(table)
+    if len(frame) > max_rows:
+        console.print(f"... {len(frame) - max_rows} more rows")
+
+
+def print_hunt_summary(result: Any) -> None:
+    """Verdict counts per layer, the champion, and the top neurons per category."""
+    scan = result.scan
+    m = scan.manifest()
+    console.print(
+        f"[bold]Hunted[/] {m['tokens']:,} tokens ({m['corpus']['spec']}), {len(m['layers'])} layers x "
+        f"{m['neurons_per_layer']} neurons of {scan.model.name}, {scan.timings.get('tokens_per_s', 0):.0f} tok/s"
+    )
+    counts = result.summary()["labelled_tokens"]
+    console.print("Labelled tokens: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    print_frame(result.verdict_counts(), "Verdicts per layer", index=True)
+    champ = result.champion()
+    if champ is None:
+        console.print("Champion: none (every neuron is positional or dead)")
+    else:
+        cats = champ["categories"].replace(";", "+") or "-"
+        console.print(f"[bold]Champion[/] (strongest activation outside positional artefacts): "
+                      f"L{champ['layer']}.N{champ['neuron']}  max {champ['max']:.2f}  {champ['verdict']} "
+                      f"({cats})  e.g. {champ['example']!r}")
+    top = result.top_neurons()
+    if top.empty:
+        console.print("No monosemantic or polysemantic neurons found.")
+        return
+    best = top[top["rank"] == 0].copy()
+    best["neuron"] = [f"L{r.layer}.N{r.neuron}" for r in best.itertuples()]
+    best["categories"] = best["categories"].str.replace(";", "+")
+    print_frame(best[["category", "kind", "neuron", "mean", "dprime", "crs", "categories", "example"]],
+                "Top neuron per category (ranked by d' of the category)")
+
+
+def _load_run_model_and_labeller(run: Path) -> tuple[Any, Any, dict[str, Any]]:
+    from ..data.concepts import ConceptLabeller, load_lexicon
+    from ..io import read_json
+    from ..models.loading import load_model
+
+    cfg = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    lexicon_path = run / "lexicon.json"
+    lexicon = load_lexicon(read_json(lexicon_path)) if lexicon_path.exists() else load_lexicon(
+        cfg.get("concepts") or None)
+    labeller = ConceptLabeller(lexicon, case_sensitive=bool(cfg.get("case_sensitive", False)),
+                               last_token_only=bool(cfg.get("label_last_token_only", False)))
+    model = load_model(cfg.get("model") or "smollm2-135m", device=cfg.get("device") or "cpu",
+                       dtype=cfg.get("dtype") or "float32")
+    return model, labeller, cfg
+
+
+def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command definitions
+    @app.command("hunt")
+    def hunt(
+        model: str = typer.Option(None, "--model", "-m", help="Alias, hub id, local folder or .gguf "
+                                  "[default: smollm2-135m, the embedded model]"),
+        corpus: str = typer.Option(None, "--corpus", "-c", help="Corpus spec (file, folder, .jsonl, .parquet, "
+                                   "'default', hf:NAME) [default: master, the bundled master text]"),
+        out: str = typer.Option(None, "--out", "-o", help="Run folder [default: runs/hunt]"),
+        concepts: str = typer.Option(None, help="Lexicon file (YAML/JSON) [default: the bundled lexicon]"),
+        layers: str = typer.Option(None, help="Layers to scan, e.g. '0,5,10-12' [default: all]"),
+        neurons_per_layer: int = typer.Option(None, help="Scan only the first N neurons of each layer"),
+        top_k: int = typer.Option(None, help="Top activating windows per neuron [default: 20]"),
+        context_length: int = typer.Option(None, help="Tokens per window incl. BOS [default: 128]"),
+        batch_size: int = typer.Option(None, help="Windows per batch [default: 8]"),
+        max_tokens: int = typer.Option(None, help="Stop after this many corpus tokens"),
+        threshold: float = typer.Option(None, help="Active when activation > threshold [default: 0]"),
+        last_token_only: bool = typer.Option(None, "--last-token-only/--all-tokens",
+                                             help="Label only the last token of a multi-token word [default: all]"),
+        case_sensitive: bool = typer.Option(None, "--case-sensitive/--ignore-case", help="[default: ignore case]"),
+        bos: bool = typer.Option(None, "--bos/--no-bos", help="Prepend the model's BOS token [default: yes]"),
+        device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto [default: cpu]"),
+        dtype: str = typer.Option(None, help="float32, bfloat16 or float16 [default: float32]"),
+        formats: str = typer.Option(None, help="Table formats, e.g. 'parquet,csv' [default: parquet,csv,json]"),
+        top: int = typer.Option(None, help="Top neurons per category and kind kept in top_neurons [default: 3]"),
+        config: Path = typer.Option(None, "--config", help="YAML/JSON hunt config: any of these options, "
+                                    "'categories' (inline lexicon) and 'thresholds' (verdict rule)"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in --out"),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted hunt from its checkpoint"),
+    ) -> None:
+        """Scan with concept labels and give every neuron a verdict (monosemantic, polysemantic, positional,
+        syntactic, dead, unselective)."""
+        from ..hunt import HuntConfig, run_hunt
+        from .scan import scan_options_to_config
+
+        cfg = scan_options_to_config(
+            config, config_cls=HuntConfig, model=model, corpus=corpus, out=out, concepts=concepts,
+            layers=parse_int_list(layers, "--layers"), neurons_per_layer=neurons_per_layer, top_k=top_k,
+            context_length=context_length, batch_size=batch_size, max_tokens=max_tokens, threshold=threshold,
+            label_last_token_only=last_token_only, case_sensitive=case_sensitive, prepend_bos=bos, device=device,
+            dtype=dtype, formats=formats.split(",") if formats else None, top_per_category=top,
+        )
+        with progress_bar() as progress:
+            task = progress.add_task("hunting (scan)", total=None)
+
+            def update(done: int, total: int | None) -> None:
+                progress.update(task, completed=done, total=total)
+
+            result = run_hunt(cfg, progress=update, overwrite=overwrite, resume=resume)
+        print_hunt_summary(result)
+        console.print(f"Wrote [bold]{cfg.out}[/] (neurons with verdicts, concepts, top_neurons, examples, hunt.json)")
+
+    @app.command("interpret")
+    def interpret(
+        run: str = typer.Argument(..., help="A hunt run folder"),
+        out: str = typer.Option(None, "--out", "-o", help="Folder for the CSV tables [default: RUN/interpret]"),
+    ) -> None:
+        """Pivot tables, category overlaps vs chance and category correlations of a hunt run (DuckDB)."""
+        from ..analysis.interpret import interpret_run
+
+        tables = interpret_run(run, out)
+        print_frame(tables["category_layer"], "Selective neurons: category x layer", index=True)
+        print_frame(tables["monosemantic_layer"], "Monosemantic neurons (by top category): category x layer",
+                    index=True)
+        print_frame(tables["verdict_layer"], "Verdicts: verdict x layer", index=True)
+        sel = tables["selectivity_layer"][["layer", "neurons", "mean_crs", "mean_dprime", "mean_entropy",
+                                           "share_monosemantic", "share_polysemantic", "share_positional"]]
+        print_frame(sel, "Mean selectivity per layer (non-dead neurons)")
+        print_frame(tables["overlaps"], "Category pairs sharing selective neurons (vs chance)", floats="{:.3g}")
+        print_frame(tables["correlation"], "Correlation of d' between categories over neurons", index=True,
+                    floats="{:.2f}")
+        console.print(f"Wrote CSV tables to [bold]{out or Path(run) / 'interpret'}[/]")
+
+    @app.command("query")
+    def query_cmd(
+        run: str = typer.Argument(..., help="A run folder"),
+        sql: str = typer.Argument(..., help="SQL over the views neurons, concepts, examples, top_neurons"),
+        out: str = typer.Option(None, "--out", "-o", help="Also write the result to this CSV file"),
+        max_rows: int = typer.Option(50, help="Rows to print"),
+    ) -> None:
+        """Run your own SQL (DuckDB) over a run's Parquet tables."""
+        from ..analysis.interpret import query
+        from ..io import write_table
+
+        df = query(run, sql)
+        print_frame(df, f"{len(df)} rows", max_rows=max_rows, floats="{:.4g}")
+        if out:
+            path = Path(out)
+            write_table(df, path.with_suffix(""), formats=("csv",))
+            console.print(f"Wrote [bold]{path.with_suffix('.csv')}[/]")
+
+    @app.command("compare")
+    def compare(
+        run_a: str = typer.Argument(..., help="First hunt run (A)"),
+        run_b: str = typer.Argument(..., help="Second hunt run (B), scanned with the same lexicon"),
+        bins: int = typer.Option(5, help="Relative-depth bins"),
+        out: str = typer.Option(None, "--out", "-o", help="Also write the comparison to this CSV file"),
+    ) -> None:
+        """Selective neurons per category and relative depth, two runs side by side."""
+        from ..analysis.interpret import compare_runs
+        from ..io import write_table
+
+        res = compare_runs(run_a, run_b, bins=bins)
+        console.print(f"A = {run_a}\nB = {run_b}")
+        if res["only_a"] or res["only_b"]:
+            console.print(f"Categories only in A: {res['only_a'] or '-'}; only in B: {res['only_b'] or '-'}")
+        print_frame(res["verdicts"], "Verdicts")
+        print_frame(res["depth"], "Selective neurons per category and relative depth (per_1k = per 1000 scanned)",
+                    max_rows=500, floats="{:.1f}")
+        if out:
+            write_table(res["depth"], Path(out).with_suffix(""), formats=("csv",))
+            console.print(f"Wrote [bold]{Path(out).with_suffix('.csv')}[/]")
+
+    plot_app = typer.Typer(help="Plotly charts of a hunt run (offline HTML; PNG when kaleido is installed).",
+                           no_args_is_help=True)
+    app.add_typer(plot_app, name="plot")
+
+    @plot_app.command("neuron")
+    def plot_neuron(
+        run: str = typer.Argument(..., help="A hunt (or scan) run folder: its model and lexicon are used"),
+        layer: int = typer.Argument(..., help="Layer"),
+        neuron: int = typer.Argument(..., help="Neuron index in the layer"),
+        text: str = typer.Option(None, "--text", "-t", help="Text to run [default: the neuron's top example]"),
+        text_file: Path = typer.Option(None, "--text-file", help="Read the text from a file"),
+        show_first: bool = typer.Option(False, "--show-first", help="Also show the BOS token at position 0"),
+        out: str = typer.Option(None, "--out", "-o", help="HTML file [default: RUN/plots/neuron_L{L}_N{N}.html]"),
+        png: bool = typer.Option(None, "--png/--no-png", help="PNG too [default: when kaleido is installed]"),
+    ) -> None:
+        """A neuron's activation over every token of a text, coloured by concept category."""
+        from ..hunt import activation_history
+        from ..io import read_table, require_run
+        from ..report.export import write_figure
+        from ..report.figures import neuron_activation_figure
+
+        run_path = require_run(run)
+        if text_file is not None:
+            if not text_file.is_file():
+                raise ConfigError(f"text file not found: {text_file}")
+            text = text_file.read_text(encoding="utf-8")
+        if text is None:
+            ex = read_table(run_path / "examples.parquet") if (run_path / "examples.parquet").exists() else None
+            row = None if ex is None else ex[(ex.layer == layer) & (ex.neuron == neuron)].sort_values("rank")
+            if row is None or row.empty:
+                raise ConfigError(f"no stored example for neuron {layer}.{neuron}; pass --text")
+            text = row.iloc[0]["context"].replace("[[", "").replace("]]", "")
+        model, labeller, cfg = _load_run_model_and_labeller(run_path)
+        bos = bool(cfg.get("prepend_bos", True))
+        tokens, acts, labels = activation_history(model, layer, neuron, text, labeller,
+                                                  context_length=int(cfg.get("context_length") or 128),
+                                                  prepend_bos=bos)
+        has_bos = bos and model.bos_token_id is not None
+        if has_bos and not show_first:
+            tokens, acts, labels = tokens[1:], acts[1:], labels[1:]
+        fig = neuron_activation_figure(tokens, acts, labels, labeller.categories,
+                                       title=f"L{layer}.N{neuron} activation over {len(tokens)} tokens",
+                                       first_is_special=has_bos and show_first)
+        path = Path(out) if out else run_path / "plots" / f"neuron_L{layer}_N{neuron}.html"
+        for p in write_figure(fig, path, png=png):
+            console.print(f"Wrote [bold]{p}[/]")
+        top = int(acts.argmax())
+        console.print(f"max {acts[top]:.3f} on token {top} {tokens[top]!r}; mean {acts.mean():.3f}")
+
+    @plot_app.command("map")
+    def plot_map(
+        run: str = typer.Argument(..., help="A hunt run folder"),
+        kind: str = typer.Option("selective", help="selective (mono+poly per category) or monosemantic"),
+        out: str = typer.Option(None, "--out", "-o", help="HTML file [default: RUN/plots/map.html]"),
+        png: bool = typer.Option(None, "--png/--no-png", help="PNG too [default: when kaleido is installed]"),
+    ) -> None:
+        """Layer x category heatmap of selective (or monosemantic) neurons."""
+        from ..analysis.interpret import category_layer_counts, connect, require_hunt, run_categories
+        from ..report.export import write_figure
+        from ..report.figures import layer_category_heatmap
+
+        if kind not in ("selective", "monosemantic"):
+            raise ConfigError(f"--kind must be selective or monosemantic, got {kind!r}")
+        run_path = require_hunt(run)
+        cats, _ = run_categories(run_path)
+        con = connect(run_path)
+        try:
+            layers = [int(r[0]) for r in con.execute("SELECT DISTINCT layer FROM neurons ORDER BY 1").fetchall()]
+            table = category_layer_counts(con, cats, layers, monosemantic_only=kind == "monosemantic")
+        finally:
+            con.close()
+        fig = layer_category_heatmap(table, title=f"{kind.capitalize()} neurons per layer and category ({run})")
+        path = Path(out) if out else run_path / "plots" / "map.html"
+        for p in write_figure(fig, path, png=png):
+            console.print(f"Wrote [bold]{p}[/]")
