@@ -1,3 +1,50 @@
-"""neuronhunter: neuron-level mechanistic interpretability of transformer language models."""
+"""neuronhunter: neuron-level mechanistic interpretability of transformer language models.
+
+The public API is re-exported here lazily (``import neuronhunter`` stays light; torch and transformers load when
+a name is first used)::
+
+    import neuronhunter as nh
+
+    model = nh.load_model()                          # the embedded SmolLM2-135M-Instruct
+    result = nh.run_scan(nh.ScanConfig(out="runs/scan", max_tokens=5000), model=model)
+    logits, cache = model.run_with_cache(model.to_tokens("Hello"), sites=[nh.Site.mlp_post(3)])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    "load_model": "neuronhunter.models.loading",
+    "HookedModel": "neuronhunter.models.hooked",
+    "Site": "neuronhunter.models.sites",
+    "tiny_model": "neuronhunter.models.tiny",
+    "ScanConfig": "neuronhunter.config",
+    "run_scan": "neuronhunter.scan",
+    "Scanner": "neuronhunter.scan",
+    "ScanState": "neuronhunter.scan",
+    "ScanResult": "neuronhunter.results",
+    "Corpus": "neuronhunter.data.corpus",
+    "ConceptLabeller": "neuronhunter.data.concepts",
+    "LayerStats": "neuronhunter.stats.layer",
+    "NeuronHunterError": "neuronhunter.errors",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'neuronhunter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
