@@ -76,6 +76,20 @@ def _normalise(raw: Tensor, clean: float, corrupted: float) -> Tensor:
     return (raw - corrupted) / gap
 
 
+def check_prompts(model: HookedModel, clean: str | Tensor, corrupted: str | Tensor, answer: str | int,
+                  wrong: str | int, *, prepend_bos: bool = True) -> tuple[Tensor, Tensor, int, int]:
+    """Tokenise and check a prompt pair: ``(clean_ids, corrupted_ids, answer_id, wrong_id)``."""
+    c_ids = model.to_tokens(clean, prepend_bos=prepend_bos) if isinstance(clean, str) else clean.reshape(1, -1)
+    x_ids = model.to_tokens(corrupted, prepend_bos=prepend_bos) if isinstance(corrupted, str) else corrupted.reshape(1, -1)
+    if c_ids.shape != x_ids.shape:
+        raise ConfigError(f"clean and corrupted prompts must have the same number of tokens "
+                          f"({c_ids.shape[-1]} vs {x_ids.shape[-1]}): {model.to_str_tokens(c_ids[0])} vs "
+                          f"{model.to_str_tokens(x_ids[0])}")
+    if c_ids.shape[-1] == 0:
+        raise ConfigError("the prompts are empty")
+    return c_ids, x_ids, answer_token(model, answer), answer_token(model, wrong)
+
+
 def patching_sweep(model: HookedModel, clean: str | Tensor, corrupted: str | Tensor, answer: str | int,
                    wrong: str | int, *, heads: bool = True, layers: Sequence[int] | None = None,
                    prepend_bos: bool = True, batch_size: int = 16,
@@ -88,13 +102,7 @@ def patching_sweep(model: HookedModel, clean: str | Tensor, corrupted: str | Ten
         heads: also sweep attention heads (``attn.hook_z``).
         layers: layers to sweep (None = all).
     """
-    c_ids = model.to_tokens(clean, prepend_bos=prepend_bos) if isinstance(clean, str) else clean.reshape(1, -1)
-    x_ids = model.to_tokens(corrupted, prepend_bos=prepend_bos) if isinstance(corrupted, str) else corrupted.reshape(1, -1)
-    if c_ids.shape != x_ids.shape:
-        raise ConfigError(f"clean and corrupted prompts must have the same number of tokens "
-                          f"({c_ids.shape[-1]} vs {x_ids.shape[-1]}): {model.to_str_tokens(c_ids[0])} vs "
-                          f"{model.to_str_tokens(x_ids[0])}")
-    a_id, w_id = answer_token(model, answer), answer_token(model, wrong)
+    c_ids, x_ids, a_id, w_id = check_prompts(model, clean, corrupted, answer, wrong, prepend_bos=prepend_bos)
     layers = model.check_layers(range(model.n_layers) if layers is None else layers)
     P, H = c_ids.shape[1], model.n_heads
     resid_sites = [Site(L, "hook_resid_pre") for L in layers]

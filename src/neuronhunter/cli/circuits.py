@@ -139,14 +139,19 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(None, "--out", "-o", help="Output folder [default: RUN/probes, else runs/probes]"),
     ) -> None:
         """Linear probes per layer: accuracy and macro-F1 vs majority baseline and shuffled-label control."""
-        from ..analysis.probes import collect_features, linear_probes
+        from ..analysis.probes import SITES, collect_features, linear_probes
         from ..io import write_table
         from ..report.figures_verify import probe_curve_figure
 
+        if site not in SITES:
+            raise ConfigError(f"probe site must be one of {', '.join(SITES)}, got {site!r}")
         m, s = _probe_common(run, model, corpus, device)
+        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
         batches, cats = _labelled_batches(m, s, labels=labels, concepts=concepts, max_tokens=max_tokens,
                                           batch_size=batch_size)
-        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
+        if len(set().union(*(b.doc_ids.tolist() for b in batches))) < 2:
+            raise ConfigError("probes are split by document: the corpus (within --max-tokens) needs at least two "
+                              "documents")
         with progress_bar() as progress:
             task = progress.add_task("capturing", total=len(batches))
             data = collect_features(m, batches, cats, layers=layer_list, site=site,
@@ -197,9 +202,12 @@ def register(app: typer.Typer) -> None:
         if not k_list or min(k_list) < 1:
             raise ConfigError("--ks must be positive integers like '1,2,4,8'")
         m, s = _probe_common(run, model, corpus, device)
+        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
         batches, cats = _labelled_batches(m, s, labels=labels, concepts=concepts, max_tokens=max_tokens,
                                           batch_size=batch_size)
-        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
+        if len(set().union(*(b.doc_ids.tolist() for b in batches))) < 2:
+            raise ConfigError("probes are split by document: the corpus (within --max-tokens) needs at least two "
+                              "documents")
         with progress_bar() as progress:
             task = progress.add_task("capturing", total=len(batches))
             data = collect_features(m, batches, cats, layers=layer_list, site="mlp",
@@ -241,7 +249,8 @@ def register(app: typer.Typer) -> None:
                 t2.add_column(col, justify="right")
             for r in compare.itertuples():
                 t2.add_row(r.category, r.probe_best, f"{r.probe_f1:.3f}", str(r.n_hunt),
-                           "yes" if r.probe_best_is_hunt else "no", r.hunt_best or "-",
+                           "yes" if r.probe_best_is_hunt else "no",
+                           r.hunt_best if isinstance(r.hunt_best, str) else "-",
                            "-" if r.hunt_best_rank != r.hunt_best_rank else str(int(r.hunt_best_rank)),
                            "-" if r.hunt_best_f1 != r.hunt_best_f1 else f"{r.hunt_best_f1:.3f}")
             console.print(t2)

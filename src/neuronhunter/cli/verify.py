@@ -169,10 +169,15 @@ def register(app: typer.Typer) -> None:
         from ..report.figures_verify import verification_figure
 
         require_run(run, "neurons.parquet")
+        from ..analysis.verification import select_candidates
+        from ..io import read_table
+
         cfg = VerifyConfig(top_k=top_k, verdicts=tuple(v.strip() for v in verdicts.split(",") if v.strip()),
                            n_random=n_random, method=method, align=align, z_threshold=z, min_tokens=min_tokens,
                            max_tokens=max_tokens, batch_size=batch_size, seed=seed)
         cfg.check()
+        if select_candidates(read_table(Path(run) / "neurons.parquet"), top_k=top_k, verdicts=cfg.verdicts).empty:
+            raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)} to verify")
         s = resolve_run(run, model, corpus)
         m = load(s["model"], device)
         labeller = load_concept_labeller(concepts or s["categories_file"], **s["labeller_options"])
@@ -217,14 +222,16 @@ def register(app: typer.Typer) -> None:
         """Activation patching sweep: residual stream per layer × position, and each head's output."""
         import numpy as np
 
-        from ..analysis.patching import patching_frame, patching_sweep
+        from ..analysis.patching import check_prompts, patching_frame, patching_sweep
         from ..io import atomic_path, write_json, write_table
         from ..report.figures_verify import patching_figure
 
         m = load(model, device)
+        check_prompts(m, clean, corrupted, answer, wrong, prepend_bos=bos)
+        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
         with progress_bar() as progress:
             task = progress.add_task("patching", total=None)
-            res = patching_sweep(m, clean, corrupted, answer, wrong, heads=heads, layers=parse_int_list(layers, "--layers"),
+            res = patching_sweep(m, clean, corrupted, answer, wrong, heads=heads, layers=layer_list,
                                  prepend_bos=bos, batch_size=batch_size, progress=lambda: progress.advance(task))
         folder = Path(out)
         write_table(patching_frame(res), folder / "patching", formats=("parquet", "csv"))
@@ -267,17 +274,20 @@ def register(app: typer.Typer) -> None:
         if k < 1:
             raise ConfigError("--k must be at least 1")
         wanted = parse_pairs(show, "--show")
+        units = read_table(Path(run) / "neurons.parquet")[["layer", "neuron"]].drop_duplicates()
+        known = set(zip(units.layer.astype(int), units.neuron.astype(int), strict=True))
+        for layer, neuron in wanted:
+            if (layer, neuron) not in known:
+                raise ConfigError(f"neuron {layer}.{neuron} is not in {run}/neurons.parquet")
         s = resolve_run(run, model, None)
         m = load(s["model"], device)
-        n = len(read_table(Path(run) / "neurons.parquet")[["layer", "neuron"]].drop_duplicates())
+        n = len(units)
         with progress_bar() as progress:
             task = progress.add_task("neurons", total=n)
             path = write_logits(run, m, k=k, through_norm=norm, progress=lambda c: progress.advance(task, c))
         df = read_table(path)
         for layer, neuron in wanted:
             part = df[(df.layer == layer) & (df.neuron == neuron)]
-            if part.empty:
-                raise ConfigError(f"neuron {layer}.{neuron} is not in {run}/neurons.parquet")
             top = part[part.direction == "top"].head(10)
             bot = part[part.direction == "bottom"].head(10)
             console.print(f"[bold]{layer}.{neuron}[/] promotes: " + ", ".join(f"{t!r} {v:+.3f}" for t, v in
