@@ -279,13 +279,14 @@ def reference_means(model: HookedModel, sites: Iterable[Site | str], batches: It
 
 
 # ------------------------------------------------------------------------------------------------ corpus helpers
-def load_concept_labeller(path: str | None = None, **options: Any) -> Any:
-    """The concept labeller of :mod:`neuronhunter.data.concepts` (bundled lexicon, or a lexicon file)."""
+def load_concept_labeller(lexicon: str | dict[str, Any] | None = None, **options: Any) -> Any:
+    """The concept labeller of :mod:`neuronhunter.data.concepts` for a lexicon file, a lexicon mapping (a hunt's
+    ``lexicon.json``) or the bundled default (None / ``"default"``)."""
     try:
         from ..data.concepts import load_labeller
     except ImportError:
         raise ConfigError("concept labelling is not available in this installation (neuronhunter.data.concepts)") from None
-    return load_labeller(path, **options)
+    return load_labeller(lexicon, **options)
 
 
 def corpus_batches(model: HookedModel, corpus: Any = None, *, context_length: int = 128, max_tokens: int | None = 4096,

@@ -3,9 +3,10 @@
 The hunt labels neurons from correlations (which concepts they fire on). ``verify`` tests the claim causally:
 
 1. **Candidates.** For each verdict (``monosemantic``, ``polysemantic`` by default) and each top category, the
-   ``top_k`` neurons, ranked by their mean response to that category (``concepts.parquet``) when available, else
-   by CRS or max activation. A neuron's *claimed categories* are its ``top_category`` (monosemantic) or its
-   ``categories`` list (polysemantic).
+   ``top_k`` neurons, ranked by the hunt's d' of the top category (else its mean response, from
+   ``concepts.parquet``, else CRS or max activation). A neuron's *claimed categories* are the categories the hunt
+   found it responsive to (``categories``: one related group for a monosemantic neuron, several for a
+   polysemantic one), or its ``top_category`` when that list is absent.
 2. **Effect.** Each candidate is ablated alone (mean ablation over the verification corpus by default) and the
    per-token increase of next-token loss is measured. With ``align="input"`` a token "belongs to" a category when
    the *input* token at that position carries the label (where the neuron fires; the loss is that of predicting
@@ -76,9 +77,13 @@ def run_settings(run: str | Path) -> dict[str, Any]:
 
     run = require_run(run)
     cfg = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    # the hunt stores the exact lexicon it used as lexicon.json; else the config names a lexicon file
+    lexicon = read_json(run / "lexicon.json") if (run / "lexicon.json").exists() else None
+    if lexicon is None and cfg.get("categories"):
+        lexicon = {"categories": cfg["categories"]}
     return {"model": cfg.get("model") or "smollm2-135m", "corpus": cfg.get("corpus"),
             "context_length": int(cfg.get("context_length") or 128), "prepend_bos": bool(cfg.get("prepend_bos", True)),
-            "categories_file": cfg.get("categories_file") or cfg.get("concepts"),
+            "lexicon": lexicon or cfg.get("categories_file") or cfg.get("concepts"),
             "labeller_options": {"last_token_only": bool(cfg.get("label_last_token_only", False)),
                                  "case_sensitive": bool(cfg.get("case_sensitive", False))}}
 
@@ -104,21 +109,20 @@ def select_candidates(neurons: Any, *, top_k: int = 3, verdicts: Sequence[str] =
     if not need <= set(neurons.columns):
         raise ConfigError(f"neurons.parquet has no hunt results (missing {', '.join(sorted(need - set(neurons.columns)))});"
                           " run `neuronhunter hunt` first")
-    df = neurons[neurons.verdict.isin(list(verdicts)) & neurons.top_category.notna()].copy()
+    df = neurons[neurons.verdict.isin(list(verdicts)) & neurons.top_category.notna()
+                 & (neurons.top_category.astype(str) != "")].copy()
     if df.empty:
         return pd.DataFrame(columns=["layer", "neuron", "verdict", "top_category", "claimed", "strength"])
-    if concepts is not None and {"layer", "neuron", "category", "mean"} <= set(concepts.columns):
+    col = next((c for c in ("dprime", "top_mean") if c in df.columns), None)
+    if col is None and concepts is not None and {"layer", "neuron", "category", "mean"} <= set(concepts.columns):
         strength = concepts.rename(columns={"category": "top_category", "mean": "strength"})
         df = df.merge(strength[["layer", "neuron", "top_category", "strength"]], how="left",
                       on=["layer", "neuron", "top_category"])
     else:
-        col = next((c for c in ("crs", "CRS", "max", "mean") if c in df.columns), None)
+        col = col or next((c for c in ("crs", "max", "mean") if c in df.columns), None)
         df["strength"] = df[col] if col else 0.0
-    df["claimed"] = [
-        ([t] if v == "monosemantic" else (_as_list(cats) if "categories" in df.columns else []) or [t])
-        for v, t, cats in zip(df.verdict, df.top_category, df["categories"] if "categories" in df.columns
-                              else [None] * len(df), strict=True)
-    ]
+    cats = df["categories"] if "categories" in df.columns else [None] * len(df)
+    df["claimed"] = [_as_list(c) or [t] for t, c in zip(df.top_category, cats, strict=True)]
     df = df.sort_values(["verdict", "top_category", "strength"], ascending=[True, True, False], kind="stable")
     df = df.groupby(["verdict", "top_category"], sort=True).head(top_k)
     return df[["layer", "neuron", "verdict", "top_category", "claimed", "strength"]].reset_index(drop=True)
@@ -265,7 +269,7 @@ def verify_run(run: str | Path, model: HookedModel | None = None, config: Verify
     if candidates.empty:
         raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)} to verify")
     model = model or load_model(settings["model"])
-    labeller = labeller or load_concept_labeller(settings["categories_file"], **settings["labeller_options"])
+    labeller = labeller or load_concept_labeller(settings["lexicon"], **settings["labeller_options"])
     batches = corpus_batches(model, corpus if corpus is not None else settings["corpus"],
                              context_length=settings["context_length"], max_tokens=cfg.max_tokens,
                              batch_size=cfg.batch_size, prepend_bos=settings["prepend_bos"], labeller=labeller)

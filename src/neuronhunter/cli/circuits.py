@@ -28,7 +28,7 @@ def _labelled_batches(m: Any, s: dict[str, Any], *, labels: str | None, concepts
         docs, labeller = read_token_labels(labels)
         corpus: Any = docs
     else:
-        labeller = load_concept_labeller(concepts or s.get("categories_file"), **s.get("labeller_options", {}))
+        labeller = load_concept_labeller(concepts or s.get("lexicon"), **s.get("labeller_options", {}))
         corpus = s["corpus"]
     batches = corpus_batches(m, corpus, context_length=s["context_length"], max_tokens=max_tokens,
                              batch_size=batch_size, prepend_bos=s["prepend_bos"], labeller=labeller)

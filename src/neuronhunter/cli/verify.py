@@ -31,7 +31,7 @@ def resolve_run(run: str | None, model: str | None, corpus: str | None) -> dict[
         s = run_settings(run)
     else:
         s = {"model": "smollm2-135m", "corpus": None, "context_length": 128, "prepend_bos": True,
-             "categories_file": None, "labeller_options": {}}
+             "lexicon": None, "labeller_options": {}}
     if model:
         s["model"] = model
     if corpus:
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
         m = load(s["model"], device)
         group_units(m, neurons, "mlp.hook_post")  # check ranges before the corpus work
         group_units(m, head_list, "attn.hook_z")
-        labeller = load_concept_labeller(concepts or s["categories_file"], **s["labeller_options"])
+        labeller = load_concept_labeller(concepts or s["lexicon"], **s["labeller_options"])
         batches = corpus_batches(m, s["corpus"], context_length=s["context_length"], max_tokens=max_tokens,
                                  batch_size=batch_size, prepend_bos=s["prepend_bos"], labeller=labeller)
         with progress_bar() as progress:
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)} to verify")
         s = resolve_run(run, model, corpus)
         m = load(s["model"], device)
-        labeller = load_concept_labeller(concepts or s["categories_file"], **s["labeller_options"])
+        labeller = load_concept_labeller(concepts or s["lexicon"], **s["labeller_options"])
         with progress_bar() as progress:
             task = progress.add_task("ablation passes", total=None)
             results, summary = verify_run(run, m, cfg, corpus=s["corpus"], labeller=labeller,
