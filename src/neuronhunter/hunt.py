@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 HUNT_FILE = "hunt.json"
 LEXICON_FILE = "lexicon.json"
 SCORE_COLUMNS = ("top_category", "top_mean", "second_category", "second_mean", "crs", "dprime", "entropy",
-                 "n_categories", "categories", "control_dprime", "range", "pos0_share", "pos0_max_share",
+                 "n_categories", "categories", "control_dprime", "pos0_share", "pos0_max_share",
                  "topk_pos", "topk_pos_frac", "verdict")
 
 
@@ -105,16 +105,65 @@ class CooccurrenceLabeller:
         return labels
 
 
+def neurons_with_scores(base: pd.DataFrame, scores: Scores) -> pd.DataFrame:
+    """A neurons table with the selectivity columns and ``verdict`` (replacing any from an earlier hunt)."""
+    base = base.drop(columns=[c for c in SCORE_COLUMNS if c in base.columns])
+    extra = scores.frame[["layer", "neuron", *SCORE_COLUMNS]]
+    out = base.merge(extra, on=["layer", "neuron"], how="left", validate="one_to_one")
+    if out["verdict"].isna().any():
+        raise ConfigError("the neurons table and the scan statistics do not describe the same neurons")
+    return out
+
+
+def concepts_with_scores(base: pd.DataFrame, scores: Scores) -> pd.DataFrame:
+    """A concepts table plus ``dprime`` (vs the unlabelled baseline), ``responsive`` and ``selective`` (responsive
+    concept category of a monosemantic/polysemantic neuron); the ``unlabelled`` rows get NaN / False."""
+    import pandas as pd
+
+    base = base.drop(columns=[c for c in ("dprime", "responsive", "selective") if c in base.columns])
+    frame = scores.frame
+    n, c = scores.dprime.shape
+    verdict = frame["verdict"].to_numpy()
+    concept = np.array([cat not in scores.control for cat in scores.categories])
+    long = pd.DataFrame({
+        "layer": np.repeat(frame["layer"].to_numpy(), c),
+        "neuron": np.repeat(frame["neuron"].to_numpy(), c),
+        "category": np.tile(np.array(scores.categories, dtype=object), n),
+        "dprime": scores.dprime.reshape(-1),
+        "responsive": scores.responsive.reshape(-1),
+        "selective": (scores.responsive & concept[None, :]
+                      & np.isin(verdict, ["monosemantic", "polysemantic"])[:, None]).reshape(-1),
+    })
+    out = base.merge(long, on=["layer", "neuron", "category"], how="left")
+    for col in ("responsive", "selective"):
+        out[col] = out[col].astype("boolean").fillna(False).astype(bool)
+    return out
+
+
 @dataclass
 class HuntResult:
-    """A scan plus its selectivity scores, verdicts, champion and top neurons per category."""
+    """Everything a hunt produced: scores and verdicts, the tables it writes, the champion and top neurons.
 
-    scan: ScanResult
+    Attributes:
+        scores: per-neuron scores and per-(neuron, category) d' / responsiveness.
+        neurons: the neurons table with the selectivity columns and ``verdict``.
+        concepts: the concepts table with ``dprime``, ``responsive`` and ``selective``.
+        top: top monosemantic and polysemantic neurons per category (ranked by d'), with their top example.
+        champion: the strongest non-positional, non-dead neuron (dict) or None.
+        manifest: the run manifest (``kind: hunt``).
+        info: what ``hunt.json`` holds (thresholds, categories, co-occurrence, counts, champion).
+        scan: the underlying scan (None when re-scored from a run folder).
+    """
+
     scores: Scores
-    cooccurrence: np.ndarray | None
-    config: HuntConfig
-    lexicon: Lexicon
-    _neurons: pd.DataFrame | None = field(default=None, repr=False)
+    neurons: pd.DataFrame
+    concepts: pd.DataFrame
+    top: pd.DataFrame
+    champion: dict[str, Any] | None
+    manifest: dict[str, Any]
+    info: dict[str, Any]
+    scan: ScanResult | None = None
+    lexicon: Lexicon | None = None
 
     @property
     def categories(self) -> list[str]:
@@ -124,110 +173,66 @@ class HuntResult:
     def control(self) -> list[str]:
         return self.scores.control
 
-    def neurons_frame(self) -> pd.DataFrame:
-        """The scan's neurons table with the selectivity columns and ``verdict`` added."""
-        if self._neurons is None:
-            base = self.scan.neurons_frame()
-            extra = self.scores.frame
-            if not (np.array_equal(base["layer"].to_numpy(), extra["layer"].to_numpy())
-                    and np.array_equal(base["neuron"].to_numpy(), extra["neuron"].to_numpy())):
-                raise RuntimeError("scores and neurons are not aligned")  # pragma: no cover - internal invariant
-            base = base.drop(columns=[c for c in SCORE_COLUMNS if c in base.columns])
-            self._neurons = base.join(extra[list(SCORE_COLUMNS)])
-        return self._neurons
-
-    def concepts_frame(self) -> pd.DataFrame:
-        """The scan's concepts table (layer, neuron, category, mean, std, max, count) plus ``dprime`` (vs the
-        unlabelled baseline), ``responsive`` and ``selective`` (responsive and the neuron is mono/polysemantic)."""
-        import pandas as pd
-
-        base = self.scan.concepts_frame()
-        frame = self.scores.frame
-        n, c = self.scores.dprime.shape
-        verdict = frame["verdict"].to_numpy()
-        concept = np.array([cat not in self.control for cat in self.categories])
-        long = pd.DataFrame({
-            "layer": np.repeat(frame["layer"].to_numpy(), c),
-            "neuron": np.repeat(frame["neuron"].to_numpy(), c),
-            "category": np.tile(np.array(self.categories, dtype=object), n),
-            "dprime": self.scores.dprime.reshape(-1),
-            "responsive": self.scores.responsive.reshape(-1),
-            "selective": (self.scores.responsive & concept[None, :]
-                          & np.isin(verdict, ["monosemantic", "polysemantic"])[:, None]).reshape(-1),
-        })
-        out = base.merge(long, on=["layer", "neuron", "category"], how="left")
-        out["responsive"] = out["responsive"].astype("boolean").fillna(False).astype(bool)
-        out["selective"] = out["selective"].astype("boolean").fillna(False).astype(bool)
-        return out
-
     def verdict_counts(self) -> pd.DataFrame:
+        """Verdicts per layer, plus a ``total`` row."""
         return verdict_counts(self.scores.frame)
 
-    def champion(self) -> dict[str, Any] | None:
-        """The strongest non-positional, non-dead neuron with its top example (position 0 excluded)."""
-        row = champion(self.scores.frame, self.neurons_frame())
-        if row is None:
-            return None
-        layer, neuron = int(row["layer"]), int(row["neuron"])
-        return {"layer": layer, "neuron": neuron, "max": float(row["max"]), "verdict": str(row["verdict"]),
-                "top_category": str(row["top_category"]), "categories": str(row["categories"]),
-                "example": top_example(self.scan, layer, neuron)}
-
-    def top_neurons(self) -> pd.DataFrame:
-        """Top monosemantic and polysemantic neurons per concept category (ranked by d'), with their top example."""
-        top = top_neurons_per_category(self.scores, self.config.top_per_category)
-        top["example"] = [top_example(self.scan, int(r.layer), int(r.neuron)) for r in top.itertuples()]
-        return top
-
-    def summary(self) -> dict[str, Any]:
-        counts = self.verdict_counts()
-        return {
-            "tokens": self.scan.state.tokens,
-            "neurons": int(len(self.scores.frame)),
-            "verdicts": {k: int(v) for k, v in counts.loc["total"].items()},
-            "champion": self.champion(),
-            "labelled_tokens": {c: int(v) for c, v in zip(
-                [*self.categories, "unlabelled"], self._counts(), strict=True)},
-        }
-
-    def _counts(self) -> list[int]:
-        ls = next(iter(self.scan.state.layers.values()))
-        return [int(x) for x in ls.concepts.count.tolist()]
-
-    def hunt_info(self) -> dict[str, Any]:
-        """What ``hunt.json`` holds: thresholds, categories, co-occurrence, verdict counts, champion."""
-        return {
-            "thresholds": self.config.thresholds.model_dump(mode="json"),
-            "categories": self.categories,
-            "control": self.control,
-            "cooccurrence": None if self.cooccurrence is None else self.cooccurrence.tolist(),
-            **self.summary(),
-        }
-
-    def write(self, out: Path) -> None:
-        """Rewrite the run folder's tables with the hunt columns, then the manifest (last)."""
-        formats = tuple(self.config.formats)
+    def write(self, out: str | Path, formats: tuple[str, ...] = ("parquet", "csv", "json"),
+              config: dict[str, Any] | None = None) -> None:
+        """Rewrite the run folder's tables with the hunt columns, then the manifest (last, marks it complete)."""
+        out = Path(out)
         manifest = out / MANIFEST
         if manifest.exists():  # the folder is incomplete until the hunt tables are in place
             manifest.unlink()
-        write_table(self.neurons_frame(), out / "neurons", formats=formats)
-        write_table(self.concepts_frame(), out / "concepts", formats=formats)
-        write_table(self.top_neurons(), out / "top_neurons", formats=formats)
-        write_json(out / LEXICON_FILE, self.lexicon.model_dump(mode="json"))
-        if self.config.categories:
-            # let tools that re-label text from config.json (verify, plot) find the inline lexicon
-            cfg = self.config.model_dump(mode="json")
-            cfg["concepts"] = str((out / LEXICON_FILE).resolve())
-            write_json(out / "config.json", cfg)
-        write_json(out / HUNT_FILE, self.hunt_info())
-        write_json(manifest, self.manifest())
+        write_table(self.neurons, out / "neurons", formats=formats)
+        write_table(self.concepts, out / "concepts", formats=formats)
+        write_table(self.top, out / "top_neurons", formats=formats)
+        if self.lexicon is not None:
+            write_json(out / LEXICON_FILE, self.lexicon.model_dump(mode="json"))
+        if config is not None:
+            write_json(out / "config.json", config)
+        write_json(out / HUNT_FILE, self.info)
+        write_json(manifest, self.manifest)
 
-    def manifest(self) -> dict[str, Any]:
-        m = self.scan.manifest()
-        m["kind"] = "hunt"
-        m["control_categories"] = self.control
-        m["hunt"] = {"verdicts": self.summary()["verdicts"], "thresholds": self.config.thresholds.model_dump(mode="json")}
-        return m
+
+def assemble(
+    scores: Scores,
+    neurons: pd.DataFrame,
+    concepts: pd.DataFrame,
+    example: Callable[[int, int], str],
+    manifest: dict[str, Any],
+    labelled: list[int],
+    *,
+    thresholds: VerdictThresholds,
+    cooccurrence: np.ndarray | None,
+    top_per_category: int,
+    tokens: int,
+) -> HuntResult:
+    """Build a :class:`HuntResult` from scores and the scan's tables (``example(layer, neuron)`` gives top text)."""
+    neurons = neurons_with_scores(neurons, scores)
+    concepts = concepts_with_scores(concepts, scores)
+    top = top_neurons_per_category(scores, top_per_category)
+    top["example"] = [example(int(r.layer), int(r.neuron)) for r in top.itertuples()]
+    row = champion(scores.frame, neurons)
+    champ = None
+    if row is not None:
+        layer, neuron = int(row["layer"]), int(row["neuron"])
+        champ = {"layer": layer, "neuron": neuron, "max": float(row["max"]), "verdict": str(row["verdict"]),
+                 "top_category": str(row["top_category"]), "categories": str(row["categories"]),
+                 "example": example(layer, neuron)}
+    totals = verdict_counts(scores.frame).loc["total"]
+    verdicts = {k: int(v) for k, v in totals.items()}
+    th = thresholds.model_dump(mode="json")
+    info = {
+        "tokens": int(tokens), "neurons": int(len(scores.frame)), "verdicts": verdicts, "champion": champ,
+        "labelled_tokens": dict(zip([*scores.categories, "unlabelled"], [int(x) for x in labelled], strict=True)),
+        "thresholds": th, "categories": scores.categories, "control": scores.control,
+        "cooccurrence": None if cooccurrence is None else np.asarray(cooccurrence).tolist(),
+    }
+    manifest = {**manifest, "kind": "hunt", "control_categories": scores.control,
+                "hunt": {"verdicts": verdicts, "thresholds": th}}
+    return HuntResult(scores=scores, neurons=neurons, concepts=concepts, top=top, champion=champ,
+                      manifest=manifest, info=info)
 
 
 def top_example(scan: ScanResult, layer: int, neuron: int, rank: int = 0, left: int = 8) -> str:
@@ -246,11 +251,9 @@ def top_example(scan: ScanResult, layer: int, neuron: int, rank: int = 0, left: 
     return (before + "[[" + tok.decode([win.ids[pos]]) + "]]" + after).replace("\n", " ")
 
 
-def score_scan(result: ScanResult, cfg: HuntConfig, control: list[str],
-               cooccurrence: np.ndarray | None = None) -> Scores:
-    """Selectivity scores and verdicts for a finished scan with concept statistics."""
-    features = features_from_state(result.state, result.categories)
-    return score_neurons(features, control, cfg.thresholds, cooccurrence)
+def _labelled_counts(state: Any) -> list[int]:
+    ls = next(iter(state.layers.values()))
+    return [int(x) for x in ls.concepts.count.tolist()]
 
 
 def run_hunt(
@@ -278,19 +281,70 @@ def run_hunt(
     lexicon = cfg.lexicon()
     labeller = CooccurrenceLabeller(ConceptLabeller(lexicon, case_sensitive=cfg.case_sensitive,
                                                     last_token_only=cfg.label_last_token_only))
-    concept = [c for c in labeller.categories if c not in labeller.control]
-    if not concept:
+    if not [c for c in labeller.categories if c not in labeller.control]:
         raise ConfigError("the lexicon has only control categories; the hunt needs at least one concept category")
-    names = set(labeller.categories)
-    for a, b in cfg.thresholds.related:
-        if a not in names or b not in names:
-            log.debug("thresholds.related: (%s, %s) names a category not in the lexicon; ignored", a, b)
     scan = run_scan(cfg, model=model, labeller=labeller, progress=progress, overwrite=overwrite, resume=resume,
                     write=write)
-    scores = score_scan(scan, cfg, labeller.control, labeller.cooccurrence)
-    result = HuntResult(scan=scan, scores=scores, cooccurrence=labeller.cooccurrence, config=cfg, lexicon=lexicon)
+    features = features_from_state(scan.state, scan.categories)
+    scores = score_neurons(features, labeller.control, cfg.thresholds, labeller.cooccurrence)
+    result = assemble(scores, scan.neurons_frame(), scan.concepts_frame(),
+                      lambda layer, neuron: top_example(scan, layer, neuron), scan.manifest(),
+                      _labelled_counts(scan.state), thresholds=cfg.thresholds, cooccurrence=labeller.cooccurrence,
+                      top_per_category=cfg.top_per_category, tokens=scan.state.tokens)
+    result.scan, result.lexicon = scan, lexicon
     if write:
-        result.write(Path(cfg.out))
+        config = None
+        if cfg.categories:  # tools that re-label text from config.json (verify, plot) find the inline lexicon
+            config = cfg.model_dump(mode="json")
+            config["concepts"] = str((Path(cfg.out) / LEXICON_FILE).resolve())
+        result.write(cfg.out, tuple(cfg.formats), config)
+    return result
+
+
+def rescore_run(run: str | Path, thresholds: VerdictThresholds | None = None, *,
+                top_per_category: int | None = None, write: bool = True) -> HuntResult:
+    """Give a finished run new verdicts from its stored statistics (``stats.pt``), without re-running the model.
+
+    Works on a hunt run (new thresholds) and on a scan run made with a lexicon (turning it into a hunt run). The
+    run's config.json records the thresholds used.
+    """
+    import torch
+
+    from .io import read_json, read_table, require_run
+    from .scan import ScanState
+
+    run = require_run(run, "stats.pt", "neurons.parquet", "concepts.parquet")
+    manifest = read_json(run / MANIFEST)
+    config = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    info = read_json(run / HUNT_FILE) if (run / HUNT_FILE).exists() else {}
+    categories = list(manifest.get("categories") or [])
+    if not categories:
+        raise ConfigError(f"{run} was scanned without concept categories; run `neuronhunter hunt` instead")
+    if (run / LEXICON_FILE).exists():
+        lexicon = load_lexicon(read_json(run / LEXICON_FILE))
+    else:
+        lexicon = load_lexicon(config.get("concepts") or None)
+    if list(lexicon.categories) != categories:
+        raise ConfigError(f"{run}: the lexicon's categories differ from the scanned ones")
+    control = [c for c, spec in lexicon.categories.items() if spec.control]
+    th = thresholds or VerdictThresholds.model_validate(config.get("thresholds") or {})
+    top_n = top_per_category or int(config.get("top_per_category") or 3)
+    state = ScanState.from_state_dict(torch.load(run / "stats.pt", weights_only=True))
+    cooc = np.asarray(info["cooccurrence"]) if info.get("cooccurrence") is not None else None
+    scores = score_neurons(features_from_state(state, categories), control, th, cooc)
+    examples = {}
+    if (run / "examples.parquet").exists():
+        ex = read_table(run / "examples.parquet")
+        first = ex[ex["rank"] == 0]
+        examples = {(int(a), int(b)): str(c).replace("\n", " ")
+                    for a, b, c in zip(first["layer"], first["neuron"], first["context"], strict=True)}
+    result = assemble(scores, read_table(run / "neurons.parquet"), read_table(run / "concepts.parquet"),
+                      lambda layer, neuron: examples.get((layer, neuron), ""), manifest, _labelled_counts(state),
+                      thresholds=th, cooccurrence=cooc, top_per_category=top_n, tokens=state.tokens)
+    result.lexicon = lexicon
+    if write:
+        formats = tuple(f for f in ("parquet", "csv", "json") if (run / f"neurons.{f}").exists())
+        result.write(run, formats, {**config, "thresholds": th.model_dump(mode="json"), "top_per_category": top_n})
     return result
 
 

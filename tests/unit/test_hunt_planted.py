@@ -188,12 +188,12 @@ def test_planted_categories_and_scores(planted):
 
 def test_planted_top_neurons_and_champion(planted):
     _, result, _ = planted
-    top = result.top_neurons()
+    top = result.top
     first = top[(top["rank"] == 0)].set_index(["category", "kind"])
     assert (first.loc[("color", "monosemantic"), ["layer", "neuron"]].tolist()) == [0, MONO]
     assert first.loc[("animal", "polysemantic"), "neuron"] == POLY
     assert first.loc[("vehicle", "polysemantic"), "neuron"] == POLY
-    champ = result.champion()
+    champ = result.champion
     assert champ is not None and champ["verdict"] not in ("positional", "dead")
     # the positional neurons are the strongest anywhere, but never champions
     assert (champ["layer"], champ["neuron"]) != (0, POS0)

@@ -41,7 +41,7 @@ def features(rows: list[dict], *, counts=(50, 50, 50, 50, 200), base_count=400) 
         layer=np.array([r.get("layer", 0) for r in rows], dtype=np.int32), neuron=np.arange(n, dtype=np.int32),
         categories=list(CATS), cat_mean=cat_mean, cat_std=cat_std, cat_max=cat_mean + 1,
         cat_count=np.array(counts), base_mean=col("base_mean", 0.0), base_std=col("base_std", 0.1),
-        base_count=base_count, max=col("max", 2.0), min=col("min", -0.2), first_mean=col("first_mean", 0.0),
+        base_count=base_count, max=col("max", 2.0), min=col("min", -0.2), std=col("std", 0.5), first_mean=col("first_mean", 0.0),
         first_max=col("first_max", 0.0), topk_pos=np.zeros(n, dtype=np.int32), topk_pos_frac=col("topk_pos_frac", 0.2),
         topk_n=np.full(n, 20, dtype=np.int32),
     )

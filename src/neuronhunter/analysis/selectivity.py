@@ -24,7 +24,7 @@ Scores
   ``H = -sum_c p_c log2 p_c`` with ``p_c = r_c / sum_c r_c`` (:func:`~neuronhunter.analysis.metrics.response_entropy`):
   0 = one category, ``log2(C)`` = all alike.
 * **n_categories**: how many concept categories the neuron *responds to* (below).
-* **Activation range** ``range = max - min`` over the counted tokens (position 0 excluded by the scan).
+* **sd**: the neuron's standard deviation over all counted tokens (position 0 excluded by the scan).
 * **pos0_share** ``= f+ / (f+ + p+)`` with ``f`` the mean activation at position 0 and ``p`` the neuron's peak mean
   response on ordinary tokens (max over all categories and the unlabelled baseline); ``x+ = max(x, 0)``.
   **pos0_max_share** ``= F+ / (F+ + M+)`` with ``F`` the maximum at position 0 and ``M`` the maximum elsewhere.
@@ -36,7 +36,7 @@ Scores
 Category ``c`` (with ``n_c >= min_count``) is *responsive* when all hold::
 
     d'_c >= dprime_min
-    mu_c - mu_u >= min_effect * range
+    mu_c - mu_u >= min_effect * sd        (guards d' against near-zero spreads)
     mu_c >= co_response * max_k mu_k       (concept categories only: close to the neuron's best concept)
 
 Verdict rule (first match wins)
@@ -86,7 +86,7 @@ class VerdictThresholds(StrictModel):
     dead_max: float = Field(0.0, description="dead when the max activation anywhere is <= this")
     min_count: int = Field(5, ge=1, description="categories with fewer labelled tokens are not scored")
     dprime_min: float = Field(1.0, description="responsive: d' against the unlabelled baseline >= this")
-    min_effect: float = Field(0.1, ge=0, description="responsive: mu_c - mu_u >= min_effect * (max - min)")
+    min_effect: float = Field(0.25, ge=0, description="responsive: mu_c - mu_u >= min_effect * sd over all tokens")
     co_response: float = Field(0.5, ge=0, le=1, description="responsive: mu_c >= co_response * best concept mean")
     syntactic_ratio: float = Field(1.0, ge=0, description="syntactic: control mean >= ratio * best concept mean")
     pos0_share_min: float = Field(0.75, ge=0, le=1, description="positional: f+/(f+ + peak+) at position 0 >= this")
@@ -114,7 +114,7 @@ class NeuronFeatures:
         cat_mean, cat_std, cat_max: ``[N, C]`` per-category statistics (NaN where a category has no tokens).
         cat_count: ``[C]`` labelled tokens per category.
         base_mean, base_std: ``[N]`` statistics on unlabelled tokens; ``base_count``: their number.
-        max, min: ``[N]`` over the counted tokens (position 0 excluded unless the scan included it).
+        max, min, std: ``[N]`` over the counted tokens (position 0 excluded unless the scan included it).
         first_mean, first_max: ``[N]`` at position 0.
         topk_pos, topk_pos_frac, topk_n: ``[N]`` most common window position of the top-k maxima, its share, and the
             number of valid top-k windows.
@@ -132,6 +132,7 @@ class NeuronFeatures:
     base_count: int
     max: np.ndarray
     min: np.ndarray
+    std: np.ndarray
     first_mean: np.ndarray
     first_max: np.ndarray
     topk_pos: np.ndarray
@@ -189,6 +190,7 @@ def features_from_state(state: ScanState, categories: Sequence[str]) -> NeuronFe
         cat_count, base_count = cs.count.numpy()[:-1], int(cs.count[-1])
         add("max", ls.moments.max.double().numpy())
         add("min", ls.moments.min.double().numpy())
+        add("std", ls.moments.summary()["std"].numpy())
         add("first_mean", ls.positions.means()[0].numpy())
         add("first_max", ls.positions.first_max.double().numpy())
         mode, share, n_valid = topk_position_mode(ls.topk.pos, ls.topk.window)
@@ -286,7 +288,7 @@ def score_neurons(
 
     Returns:
         :class:`Scores`; ``frame`` has columns layer, neuron, top_category, top_mean, second_category, second_mean,
-        crs, dprime, entropy, n_categories, categories, control_dprime, range, pos0_share, pos0_max_share,
+        crs, dprime, entropy, n_categories, categories, control_dprime, pos0_share, pos0_max_share,
         topk_pos, topk_pos_frac, verdict.
     """
     import pandas as pd
@@ -310,8 +312,8 @@ def score_neurons(
     dp = np.where(scored[None, :], dprime(mean, std, base_mean, base_std), 0.0)
     if f.base_count == 0:
         dp = np.zeros_like(dp)
-    rng = np.maximum(np.nan_to_num(f.max - f.min, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
-    effect_ok = (mean - base_mean) >= th.min_effect * rng[:, None]
+    sd = np.nan_to_num(f.std, nan=0.0)
+    effect_ok = (mean - base_mean) >= th.min_effect * sd[:, None]
     basic = scored[None, :] & (dp >= th.dprime_min) & effect_ok & (f.base_count > 0)
 
     # concept responses: CRS and entropy over the concept categories' means
@@ -402,7 +404,6 @@ def score_neurons(
         "n_categories": n_cat.astype(np.int32),
         "categories": listed,
         "control_dprime": ctrl_dp,
-        "range": rng,
         "pos0_share": pos0_share,
         "pos0_max_share": pos0_max_share,
         "topk_pos": f.topk_pos.astype(np.int32),

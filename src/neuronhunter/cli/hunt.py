@@ -11,8 +11,19 @@ from ..errors import ConfigError
 from .common import console, parse_int_list, progress_bar
 
 
+def short_example(context: str, width: int = 48) -> str:
+    """An example context cut to ``width`` characters around its ``[[token]]`` marker, whitespace collapsed."""
+    text = " ".join(str(context).split())
+    at = text.find("[[")
+    if len(text) <= width or at < 0:
+        return text[:width]
+    start = max(0, min(at - width // 2, len(text) - width))
+    return ("…" if start > 0 else "") + text[start:start + width] + ("…" if start + width < len(text) else "")
+
+
 def print_frame(df: Any, title: str, *, index: bool = False, floats: str = "{:.3g}", max_rows: int = 60) -> None:
-    """Print a DataFrame as a rich table (index included when ``index``)."""
+    """Print a DataFrame as a rich table (index included when ``index``; cell text is not markup)."""
+    from rich.markup import escape
     from rich.table import Table
 
     frame = df.reset_index() if index else df
@@ -27,7 +38,7 @@ def print_frame(df: Any, title: str, *, index: bool = False, floats: str = "{:.3
             if isinstance(v, float):
                 cells.append(floats.format(v) if v == v else "")
             else:
-                cells.append(str(v))
+                cells.append(escape(str(v)))
         table.add_row(*cells)
     console.print(table)
     if len(frame) > max_rows:
@@ -36,32 +47,34 @@ def print_frame(df: Any, title: str, *, index: bool = False, floats: str = "{:.3
 
 def print_hunt_summary(result: Any) -> None:
     """Verdict counts per layer, the champion, and the top neurons per category."""
-    scan = result.scan
-    m = scan.manifest()
+    from rich.markup import escape
+
+    m, info = result.manifest, result.info
+    speed = m.get("timings", {}).get("tokens_per_s")
     console.print(
-        f"[bold]Hunted[/] {m['tokens']:,} tokens ({m['corpus']['spec']}), {len(m['layers'])} layers x "
-        f"{m['neurons_per_layer']} neurons of {scan.model.name}, {scan.timings.get('tokens_per_s', 0):.0f} tok/s"
+        f"[bold]Hunted[/] {info['tokens']:,} tokens ({m['corpus']['spec']}), {len(m['layers'])} layers x "
+        f"{m['neurons_per_layer']} neurons of {m['model']['name']}" + (f", {speed:.0f} tok/s" if speed else "")
     )
-    counts = result.summary()["labelled_tokens"]
-    console.print("Labelled tokens: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    console.print("Labelled tokens: " + ", ".join(f"{k} {v:,}" for k, v in info["labelled_tokens"].items()))
     print_frame(result.verdict_counts(), "Verdicts per layer", index=True)
-    champ = result.champion()
+    champ = result.champion
     if champ is None:
         console.print("Champion: none (every neuron is positional or dead)")
     else:
         cats = champ["categories"].replace(";", "+") or "-"
         console.print(f"[bold]Champion[/] (strongest activation outside positional artefacts): "
                       f"L{champ['layer']}.N{champ['neuron']}  max {champ['max']:.2f}  {champ['verdict']} "
-                      f"({cats})  e.g. {champ['example']!r}")
-    top = result.top_neurons()
+                      f"(responds to: {cats})  top example: {escape(repr(short_example(champ['example'], 70)))}")
+    top = result.top
     if top.empty:
         console.print("No monosemantic or polysemantic neurons found.")
         return
     best = top[top["rank"] == 0].copy()
     best["neuron"] = [f"L{r.layer}.N{r.neuron}" for r in best.itertuples()]
     best["categories"] = best["categories"].str.replace(";", "+")
+    best["example"] = [short_example(e) for e in best["example"]]
     print_frame(best[["category", "kind", "neuron", "mean", "dprime", "crs", "categories", "example"]],
-                "Top neuron per category (ranked by d' of the category)")
+                "Top neuron per category and kind (ranked by the category's d')")
 
 
 def _load_run_model_and_labeller(run: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -106,14 +119,24 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
         top: int = typer.Option(None, help="Top neurons per category and kind kept in top_neurons [default: 3]"),
         config: Path = typer.Option(None, "--config", help="YAML/JSON hunt config: any of these options, "
                                     "'categories' (inline lexicon) and 'thresholds' (verdict rule)"),
+        rescore: str = typer.Option(None, "--rescore", help="Re-verdict this finished run from its stored "
+                                    "statistics (no model run); thresholds from --config"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in --out"),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted hunt from its checkpoint"),
     ) -> None:
         """Scan with concept labels and give every neuron a verdict (monosemantic, polysemantic, positional,
         syntactic, dead, unselective)."""
-        from ..hunt import HuntConfig, run_hunt
+        from ..hunt import HuntConfig, rescore_run, run_hunt
         from .scan import scan_options_to_config
 
+        if rescore is not None:
+            thresholds = None
+            if config is not None:
+                thresholds = scan_options_to_config(config, config_cls=HuntConfig).thresholds
+            result = rescore_run(rescore, thresholds, top_per_category=top)
+            print_hunt_summary(result)
+            console.print(f"Re-scored [bold]{rescore}[/] (neurons, concepts, top_neurons, hunt.json, manifest)")
+            return
         cfg = scan_options_to_config(
             config, config_cls=HuntConfig, model=model, corpus=corpus, out=out, concepts=concepts,
             layers=parse_int_list(layers, "--layers"), neurons_per_layer=neurons_per_layer, top_k=top_k,
