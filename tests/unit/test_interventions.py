@@ -307,3 +307,14 @@ def test_verify_confirms_only_the_planted_claim(verify_setup):
     assert list(pd.read_parquet(run / "neurons.parquet").columns).count("causal_effect") == 1
     with pytest.raises(ConfigError, match="n_random"):
         VerifyConfig(n_random=1).check()
+
+
+def test_corpus_batches_tokens_per_doc(planted):
+    m, _ = planted
+    docs = [Document(i, t, f"t{i}") for i, t in enumerate(TEXTS)]
+    bts = I.corpus_batches(m, docs, context_length=16, max_tokens=None, batch_size=8, tokens_per_doc=5)
+    assert len(bts) == 1 and bts[0].doc_ids.tolist() == [0, 1, 2, 3]
+    assert bts[0].input_ids.shape[1] == 6 and int(bts[0].attention_mask.sum()) == 4 * 6
+    capped = I.corpus_batches(m, docs, context_length=16, max_tokens=12, batch_size=8, tokens_per_doc=5)
+    assert int(capped[0].attention_mask.sum()) - len(capped[0].doc_ids) == 12  # BOS rows excluded
+    assert capped[0].doc_ids.tolist() == [0, 1, 2]

@@ -290,19 +290,46 @@ def load_concept_labeller(lexicon: str | dict[str, Any] | None = None, **options
 
 
 def corpus_batches(model: HookedModel, corpus: Any = None, *, context_length: int = 128, max_tokens: int | None = 4096,
-                   batch_size: int = 8, prepend_bos: bool = True, labeller: Any = None) -> list[Any]:
+                   batch_size: int = 8, prepend_bos: bool = True, labeller: Any = None,
+                   tokens_per_doc: int | None = None) -> list[Any]:
     """Tokenise a corpus into a list of :class:`~neuronhunter.data.batches.TokenBatch` (labelled if given a labeller).
 
     Args:
         corpus: a :class:`~neuronhunter.data.corpus.Corpus`, a corpus spec (None = bundled corpus) or a list of
             documents.
+        max_tokens: stop after this many tokens in all.
+        tokens_per_doc: take at most this many tokens of each document (spreads ``max_tokens`` over more
+            documents, which probes split by document need).
     """
     from ..data import Corpus, iter_batches, iter_windows
 
     docs = corpus if isinstance(corpus, (Corpus, list)) else Corpus(corpus)
     bos = model.bos_token_id if prepend_bos else None
-    windows = iter_windows(docs, model.tokenizer, context_length=context_length, bos_token_id=bos,
-                           labeller=labeller, max_tokens=max_tokens)
+
+    def per_doc() -> Any:
+        for doc in docs:
+            yield from iter_windows([doc], model.tokenizer, context_length=context_length, bos_token_id=bos,
+                                    labeller=labeller, max_tokens=tokens_per_doc)
+
+    if tokens_per_doc is None:
+        windows = iter_windows(docs, model.tokenizer, context_length=context_length, bos_token_id=bos,
+                               labeller=labeller, max_tokens=max_tokens)
+    else:
+        def capped() -> Any:
+            seen = 0
+            for w in per_doc():
+                real = len(w.ids) - (1 if bos is not None else 0)
+                if max_tokens is not None and seen + real > max_tokens:
+                    keep = max_tokens - seen
+                    if keep > 0:
+                        w.ids = w.ids[: keep + (1 if bos is not None else 0)]
+                        w.labels = None if w.labels is None else w.labels[: len(w.ids)]
+                        yield w
+                    return
+                seen += real
+                yield w
+
+        windows = capped()
     n_cat = len(labeller.categories) if labeller is not None else None
     pad = model.tokenizer.pad_token_id or 0
     out = [b for b, _ in iter_batches(windows, batch_size=batch_size, pad_token_id=pad, has_bos=bos is not None,

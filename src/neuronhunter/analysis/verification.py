@@ -58,9 +58,10 @@ class VerifyConfig:
     align: str = "input"
     z_threshold: float = 2.0
     min_tokens: int = 5
-    max_tokens: int = 2048
+    max_tokens: int | None = 2048
     batch_size: int = 8
     seed: int = 0
+    categories: tuple[str, ...] | None = None  # only claims whose top category is one of these
 
     def check(self) -> None:
         if self.top_k < 1 or self.n_random < 2:
@@ -97,7 +98,7 @@ def _as_list(value: Any) -> list[str]:
 
 
 def select_candidates(neurons: Any, *, top_k: int = 3, verdicts: Sequence[str] = CLAIM_VERDICTS,
-                      concepts: Any = None) -> Any:
+                      concepts: Any = None, categories: Sequence[str] | None = None) -> Any:
     """The neurons to verify: top ``top_k`` per (verdict, top category), with their claimed categories.
 
     Returns:
@@ -111,6 +112,8 @@ def select_candidates(neurons: Any, *, top_k: int = 3, verdicts: Sequence[str] =
                           " run `neuronhunter hunt` first")
     df = neurons[neurons.verdict.isin(list(verdicts)) & neurons.top_category.notna()
                  & (neurons.top_category.astype(str) != "")].copy()
+    if categories is not None:
+        df = df[df.top_category.isin(list(categories))]
     if df.empty:
         return pd.DataFrame(columns=["layer", "neuron", "verdict", "top_category", "claimed", "strength"])
     col = next((c for c in ("dprime", "top_mean") if c in df.columns), None)
@@ -265,7 +268,8 @@ def verify_run(run: str | Path, model: HookedModel | None = None, config: Verify
     settings = run_settings(run)
     neurons = read_table(run / "neurons.parquet")
     concepts = read_table(run / "concepts.parquet") if (run / "concepts.parquet").exists() else None
-    candidates = select_candidates(neurons, top_k=cfg.top_k, verdicts=cfg.verdicts, concepts=concepts)
+    candidates = select_candidates(neurons, top_k=cfg.top_k, verdicts=cfg.verdicts, concepts=concepts,
+                                   categories=cfg.categories)
     if candidates.empty:
         raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)} to verify")
     model = model or load_model(settings["model"])

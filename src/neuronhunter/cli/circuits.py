@@ -19,7 +19,7 @@ def _out(out: str | None, run: str | None, default: str) -> Path:
 
 
 def _labelled_batches(m: Any, s: dict[str, Any], *, labels: str | None, concepts: str | None, max_tokens: int,
-                      batch_size: int) -> tuple[list[Any], list[str]]:
+                      batch_size: int, tokens_per_doc: int | None) -> tuple[list[Any], list[str]]:
     """Batches labelled by a user token-label file (its own texts) or the concept lexicon (the corpus)."""
     from ..analysis.interventions import corpus_batches, load_concept_labeller
     from ..analysis.probes import read_token_labels
@@ -31,7 +31,8 @@ def _labelled_batches(m: Any, s: dict[str, Any], *, labels: str | None, concepts
         labeller = load_concept_labeller(concepts or s.get("lexicon"), **s.get("labeller_options", {}))
         corpus = s["corpus"]
     batches = corpus_batches(m, corpus, context_length=s["context_length"], max_tokens=max_tokens,
-                             batch_size=batch_size, prepend_bos=s["prepend_bos"], labeller=labeller)
+                             batch_size=batch_size, prepend_bos=s["prepend_bos"], labeller=labeller,
+                             tokens_per_doc=tokens_per_doc)
     return batches, list(labeller.categories)
 
 
@@ -132,6 +133,8 @@ def register(app: typer.Typer) -> None:
         concepts: str = typer.Option(None, help="Concept lexicon [default: the run's, else bundled]"),
         include_none: bool = typer.Option(False, help="Add unlabelled tokens as a 'none' class"),
         max_tokens: int = typer.Option(4096),
+        tokens_per_doc: int = typer.Option(256, help="At most this many tokens per document (0 = no cap): spreads "
+                                           "the tokens over more documents for the split by document"),
         batch_size: int = typer.Option(8),
         folds: int = typer.Option(3, help="Cross-validation folds (split by document)"),
         seed: int = typer.Option(0),
@@ -148,7 +151,7 @@ def register(app: typer.Typer) -> None:
         m, s = _probe_common(run, model, corpus, device)
         layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
         batches, cats = _labelled_batches(m, s, labels=labels, concepts=concepts, max_tokens=max_tokens,
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, tokens_per_doc=tokens_per_doc or None)
         if len(set().union(*(b.doc_ids.tolist() for b in batches))) < 2:
             raise ConfigError("probes are split by document: the corpus (within --max-tokens) needs at least two "
                               "documents")
@@ -187,6 +190,8 @@ def register(app: typer.Typer) -> None:
         concepts: str = typer.Option(None, help="Concept lexicon [default: the run's, else bundled]"),
         min_positive: int = typer.Option(10, help="Skip categories with fewer tokens"),
         max_tokens: int = typer.Option(4096),
+        tokens_per_doc: int = typer.Option(256, help="At most this many tokens per document (0 = no cap): spreads "
+                                           "the tokens over more documents for the split by document"),
         batch_size: int = typer.Option(8),
         folds: int = typer.Option(3),
         seed: int = typer.Option(0),
@@ -204,7 +209,7 @@ def register(app: typer.Typer) -> None:
         m, s = _probe_common(run, model, corpus, device)
         layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
         batches, cats = _labelled_batches(m, s, labels=labels, concepts=concepts, max_tokens=max_tokens,
-                                          batch_size=batch_size)
+                                          batch_size=batch_size, tokens_per_doc=tokens_per_doc or None)
         if len(set().union(*(b.doc_ids.tolist() for b in batches))) < 2:
             raise ConfigError("probes are split by document: the corpus (within --max-tokens) needs at least two "
                               "documents")

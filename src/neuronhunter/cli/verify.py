@@ -149,6 +149,8 @@ def register(app: typer.Typer) -> None:
         run: str = typer.Argument(..., help="A hunt run folder (neurons.parquet with verdicts)"),
         top_k: int = typer.Option(3, help="Neurons per (verdict, category) to test"),
         verdicts: str = typer.Option("monosemantic,polysemantic", help="Verdicts whose claims are tested"),
+        categories: str = typer.Option(None, help="Only claims whose top category is one of these, e.g. "
+                                       "'animal,color' [default: all]"),
         n_random: int = typer.Option(5, help="Random same-layer neurons for the baseline"),
         method: str = typer.Option("mean", help="Ablation: zero, mean or resample"),
         align: str = typer.Option("input", help="Category tokens by input token, target token or either"),
@@ -174,10 +176,13 @@ def register(app: typer.Typer) -> None:
 
         cfg = VerifyConfig(top_k=top_k, verdicts=tuple(v.strip() for v in verdicts.split(",") if v.strip()),
                            n_random=n_random, method=method, align=align, z_threshold=z, min_tokens=min_tokens,
-                           max_tokens=max_tokens, batch_size=batch_size, seed=seed)
+                           max_tokens=max_tokens, batch_size=batch_size, seed=seed,
+                           categories=tuple(c.strip() for c in categories.split(",")) if categories else None)
         cfg.check()
-        if select_candidates(read_table(Path(run) / "neurons.parquet"), top_k=top_k, verdicts=cfg.verdicts).empty:
-            raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)} to verify")
+        if select_candidates(read_table(Path(run) / "neurons.parquet"), top_k=top_k, verdicts=cfg.verdicts,
+                             categories=cfg.categories).empty:
+            raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)}"
+                              + (f" and top category {categories}" if categories else "") + " to verify")
         s = resolve_run(run, model, corpus)
         m = load(s["model"], device)
         labeller = load_concept_labeller(concepts or s["lexicon"], **s["labeller_options"])
