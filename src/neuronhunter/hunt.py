@@ -35,7 +35,7 @@ from .analysis.selectivity import (
 )
 from .config import ScanConfig
 from .data.concepts import CategorySpec, ConceptLabeller, Lexicon, load_lexicon
-from .errors import ConfigError
+from .errors import ConfigError, RunDirError
 from .io import MANIFEST, write_json, write_table
 
 if TYPE_CHECKING:
@@ -256,6 +256,13 @@ def _labelled_counts(state: Any) -> list[int]:
     return [int(x) for x in ls.concepts.count.tolist()]
 
 
+def check_out(out: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
+    """Refuse a run folder that already holds a complete run unless ``overwrite`` or ``resume``."""
+    out = Path(out)
+    if not (overwrite or resume) and (out / MANIFEST).exists():
+        raise RunDirError(f"{out} already holds a complete run; pass --overwrite or choose another --out")
+
+
 def run_hunt(
     cfg: HuntConfig | None = None,
     *,
@@ -283,6 +290,8 @@ def run_hunt(
                                                     last_token_only=cfg.label_last_token_only))
     if not [c for c in labeller.categories if c not in labeller.control]:
         raise ConfigError("the lexicon has only control categories; the hunt needs at least one concept category")
+    if write:
+        check_out(cfg.out, overwrite=overwrite, resume=resume)  # fail before loading the model
     scan = run_scan(cfg, model=model, labeller=labeller, progress=progress, overwrite=overwrite, resume=resume,
                     write=write)
     features = features_from_state(scan.state, scan.categories)

@@ -23,15 +23,16 @@ def short_example(context: str, width: int = 48) -> str:
 
 def print_frame(df: Any, title: str, *, index: bool = False, floats: str = "{:.3g}", max_rows: int = 60) -> None:
     """Print a DataFrame as a rich table (index included when ``index``; cell text is not markup)."""
+    from pandas.api.types import is_numeric_dtype
     from rich.markup import escape
     from rich.table import Table
 
     frame = df.reset_index() if index else df
     table = Table(title=title, show_lines=False, title_justify="left")
     for col in frame.columns:
-        text = frame[col].dtype == object
+        text = not is_numeric_dtype(frame[col].dtype)
         table.add_column(str(col), justify="left" if text else "right", no_wrap=True, overflow="ellipsis",
-                         max_width=60, min_width=None if text else min(len(str(col)), 14))
+                         max_width=60, min_width=min(len(str(col)), 10 if text else 14))
     for row in frame.head(max_rows).itertuples(index=False):
         cells = []
         for v in row:
@@ -56,7 +57,8 @@ def print_hunt_summary(result: Any) -> None:
         f"{m['neurons_per_layer']} neurons of {m['model']['name']}" + (f", {speed:.0f} tok/s" if speed else "")
     )
     console.print("Labelled tokens: " + ", ".join(f"{k} {v:,}" for k, v in info["labelled_tokens"].items()))
-    print_frame(result.verdict_counts(), "Verdicts per layer", index=True)
+    counts = result.verdict_counts().rename(columns={"monosemantic": "mono", "polysemantic": "poly"})
+    print_frame(counts, "Verdicts per layer (mono = monosemantic, poly = polysemantic)", index=True)
     champ = result.champion
     if champ is None:
         console.print("Champion: none (every neuron is positional or dead)")
@@ -71,6 +73,7 @@ def print_hunt_summary(result: Any) -> None:
         return
     best = top[top["rank"] == 0].copy()
     best["neuron"] = [f"L{r.layer}.N{r.neuron}" for r in best.itertuples()]
+    best["kind"] = best["kind"].map({"monosemantic": "mono", "polysemantic": "poly"})
     best["categories"] = best["categories"].str.replace(";", "+")
     best["example"] = [short_example(e) for e in best["example"]]
     print_frame(best[["category", "kind", "neuron", "mean", "dprime", "crs", "categories", "example"]],
@@ -126,7 +129,7 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
     ) -> None:
         """Scan with concept labels and give every neuron a verdict (monosemantic, polysemantic, positional,
         syntactic, dead, unselective)."""
-        from ..hunt import HuntConfig, rescore_run, run_hunt
+        from ..hunt import HuntConfig, check_out, rescore_run, run_hunt
         from .scan import scan_options_to_config
 
         if rescore is not None:
@@ -144,7 +147,8 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
             label_last_token_only=last_token_only, case_sensitive=case_sensitive, prepend_bos=bos, device=device,
             dtype=dtype, formats=formats.split(",") if formats else None, top_per_category=top,
         )
-        with progress_bar() as progress:
+        check_out(cfg.out, overwrite=overwrite, resume=resume)
+        with progress_bar(transient=True) as progress:
             task = progress.add_task("hunting (scan)", total=None)
 
             def update(done: int, total: int | None) -> None:
