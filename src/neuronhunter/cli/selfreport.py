@@ -104,8 +104,8 @@ def register(app: typer.Typer) -> None:
         with _progress() as update:
             sel = select_neurons(cfg, hooked, update)
         table = Table(title=f"{hooked.name}: {sel.info.get('reason', '')}")
-        cols = [c for c in ("rank", "layer", "neuron", "score", "mean", "std", "max", "frac_active", "kurtosis",
-                            "verdict", "top_category") if c in sel.candidates.columns]
+        cols = [c for c in ("rank", "layer", "neuron", "score", "mean", "std", "max", "frac_active", "doc_frac_active",
+                            "kurtosis", "verdict", "top_category") if c in sel.candidates.columns]
         for c in cols:
             table.add_column(c, justify="right")
         chosen = {(n.layer, n.neuron) for n in sel.neurons}

@@ -34,7 +34,7 @@ from .dataset import (
     split_documents,
 )
 from .pipeline import run_selfreport, run_target, select_neurons
-from .planted import plant_token_neuron
+from .planted import plant_token_neuron, write_toy_corpus
 from .predictor import ActivationPredictor, Predictions, ReadoutHead, TargetCodec
 from .selection import NeuronScanner, Selection, scan_stats
 from .trainer import PredictorTrainer, TrainResult
@@ -45,4 +45,5 @@ __all__ = [
     "SelectionConfig", "Selection", "SelfReportConfig", "SplitTensors", "TargetCodec", "TrainResult",
     "TrainingConfig", "assign_splits", "config_from_dict", "example_config_path", "load_config",
     "plant_token_neuron", "run_selfreport", "run_target", "scan_stats", "select_neurons", "split_documents",
+    "write_toy_corpus",
 ]

@@ -71,7 +71,9 @@ class SelectionConfig(_Section):
     ``source``: ``explicit`` (the ``neurons`` list), ``scan`` (a small fresh scan of ``layers`` over
     ``scan_tokens`` training-split tokens) or ``run`` (a scan run folder's ``neurons.parquet``).
     Candidates are filtered by ``min_frac_active``/``max_frac_active`` (fraction of tokens with activation above
-    ``active_threshold``), ``verdict`` and ``category`` (run folders after a hunt), then ranked by ``criterion``:
+    ``active_threshold``), ``min_doc_frac_active`` (fraction of scanned documents where it exceeds the threshold
+    at least once; fresh scans only), ``verdict`` and ``category`` (run folders after a hunt), then ranked by
+    ``criterion``:
     ``variance`` (highest), ``kurtosis`` (highest excess kurtosis: rare large activations) or ``density``
     (lowest fraction active). The best ``count`` neurons are chosen.
     """
@@ -86,6 +88,7 @@ class SelectionConfig(_Section):
     category: str | None = None
     min_frac_active: float = Field(0.0, ge=0.0, le=1.0)
     max_frac_active: float = Field(1.0, ge=0.0, le=1.0)
+    min_doc_frac_active: float = Field(0.0, ge=0.0, le=1.0)
     active_threshold: float = 0.0
     scan_tokens: int = Field(4000, ge=16)
 
@@ -152,7 +155,8 @@ class PredictorConfig(_Section):
 
     ``head``: ``regression`` (a linear head, optionally with one hidden layer, on the residual stream after block
     ``read_layer``; loss ``mse`` or ``huber`` on the standardised target), ``classification`` (the same head over
-    ``n_classes`` quantile bins of the training targets, cross-entropy) or ``token`` (no extra head: after the
+    ``n_classes`` bins of the training targets, cross-entropy; ``binning`` ``quantile``: equally populated bins,
+    ``uniform``: equally wide bins between the training min and max) or ``token`` (no extra head: after the
     context the model reads ``prompt`` and must answer a digit token ``answer`` with the bin index, trained with
     the LM loss). ``read_layer`` ``null`` means the last layer; negative values count from the end.
     """
@@ -162,6 +166,7 @@ class PredictorConfig(_Section):
     loss: Literal["mse", "huber"] = "mse"
     huber_delta: float = Field(1.0, gt=0.0)
     n_classes: int = Field(4, ge=2, le=10)
+    binning: Literal["quantile", "uniform"] = "quantile"
     hidden: int = Field(0, ge=0)
     norm: bool = True
     prompt: str = "\nNeuron {layer}.{neuron} activation level (0-9):"
@@ -183,7 +188,9 @@ class TrainingConfig(_Section):
     ``gradual_every`` optimizer steps, up to ``gradual_max`` blocks). The head learns at ``lr``, unfrozen model
     parameters at ``body_lr``. Validation runs every ``eval_every`` steps (``null``: each epoch); training stops
     after ``patience`` evaluations without a ``min_delta`` improvement of the validation loss, and the best
-    weights are restored. Checkpoints (safetensors) are written at each evaluation.
+    weights are restored. Checkpoints (safetensors) are written at each evaluation. ``cache_frozen`` computes
+    the residual stream entering the first trainable block once per window, so steps run only the trainable
+    blocks (window heads; costs ``tokens x d_model`` floats of memory).
     """
 
     unfreeze: Literal["head", "last_k", "all", "gradual"] = "last_k"
@@ -204,6 +211,7 @@ class TrainingConfig(_Section):
     patience: int | None = Field(3, ge=1)
     min_delta: float = Field(0.0, ge=0.0)
     seed: int = 0
+    cache_frozen: bool = True
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "neuronhunter-selfreport"

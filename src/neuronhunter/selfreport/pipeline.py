@@ -70,7 +70,7 @@ def clean_json(obj: Any) -> Any:
 
 # --------------------------------------------------------------------------------------------------- run folder
 def prepare_run_dir(config: SelfReportConfig, out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Create ``out``; refuse to clobber an existing run unless ``overwrite``; check a resumed run's config."""
+    """Refuse to clobber an existing run unless ``overwrite``; check that a resumed run has the same config."""
     cfg_file = out / "config.json"
     if cfg_file.exists():
         if resume:
@@ -89,8 +89,6 @@ def prepare_run_dir(config: SelfReportConfig, out: Path, *, overwrite: bool, res
             what = "a finished run" if (out / MANIFEST).exists() else "an interrupted run"
             raise RunDirError(f"{out} already holds {what}; use --resume to continue or --overwrite to replace it")
     (out / MANIFEST).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg_file, config.model_dump(mode="json"))
 
 
 def load_selection(out: Path) -> list[NeuronRef]:
@@ -131,7 +129,7 @@ def run_target(config: SelfReportConfig, hooked: HookedModel, ds: ActivationData
     train, val, test = (ds.tensors(s, pad) for s in ("train", "val", "test"))
     pcfg, ecfg = config.predictor, config.evaluation
     train_y = train.target[train.selected].numpy().astype(np.float64)
-    codec = TargetCodec.fit(train_y, pcfg.n_classes)
+    codec = TargetCodec.fit(train_y, pcfg.n_classes, pcfg.binning)
     predictor = ActivationPredictor(hooked, ds.neuron, pcfg, codec, seed=config.seed)
     from .trainer import PredictorTrainer
 
@@ -262,14 +260,18 @@ def run_selfreport(config: SelfReportConfig, *, out: str | Path | None = None, o
     out_dir = Path(out) if out is not None else config.out_dir
     if stop_after not in (None, "select", "dataset"):
         raise ConfigError(f"stop_after must be 'select' or 'dataset', got {stop_after!r}")
+    prepare_run_dir(config, out_dir, overwrite=overwrite, resume=resume)
     if model is None:
         from ..models import load_model
 
         if progress:
             progress("loading model", 0, 1)
         model = load_model(config.model, device=config.device, dtype=config.dtype)
+        if progress:
+            progress("loading model", 1, 1)
     hooked = model
-    prepare_run_dir(config, out_dir, overwrite=overwrite, resume=resume)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "config.json", config.model_dump(mode="json"))
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
 

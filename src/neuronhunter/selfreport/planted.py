@@ -15,10 +15,12 @@ A predictor that works must then recover the neuron with near-perfect correlatio
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError
+from ..io import write_text
 from ..models import HookedModel
 
 
@@ -52,3 +54,24 @@ def plant_token_neuron(hooked: HookedModel, *, layer: int, neuron: int, token_id
         up.weight[neuron, dim] = 1.0
     else:
         raise ConfigError(f"planting a neuron is implemented for gpt2 and gated (llama) MLPs, not {a.family}")
+
+
+TOY_WORDS = ("the", "dog", "sat", "on", "a", "mat", "while", "birds", "ran", "in", "park", "and", "sang", "of", "rain",
+             "green", "hills", "under", "sun", "river")
+
+
+def write_toy_corpus(folder: str | Path, *, n_docs: int = 12, words_per_doc: int = 120, planted_word: str = "cat",
+                     rate: float = 0.3, seed: int = 0) -> Path:
+    """Write ``n_docs`` small random-word documents (``NN.txt``) where ``planted_word`` has frequency ``rate``.
+
+    Pairs with :func:`plant_token_neuron` on the token of ``" " + planted_word`` for ground-truth experiments.
+    """
+    import random
+
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        words = [planted_word if rng.random() < rate else rng.choice(TOY_WORDS) for _ in range(words_per_doc)]
+        write_text(folder / f"{i:02d}.txt", " ".join(words) + "\n")
+    return folder

@@ -20,10 +20,19 @@ and the baselines are compared on the same numbers.
 *Unfreezing*: the "top" block is ``read_layer`` for the window heads (nothing above it matters) and the last block
 for the token head (whose final norm is unfrozen with its blocks). ``set_unfrozen(n)`` makes the ``n`` blocks
 ending at the top trainable; ``"all"`` unfreezes every model parameter (embeddings included).
+
+*Frozen-prefix cache* (window heads): blocks below the first trainable block ``j`` never change, so the residual
+stream entering block ``j`` is computed once per window (:meth:`prefix_states`) and each training step runs only
+blocks ``j..top``: the frozen blocks are swapped for pass-throughs and a hook on block ``j`` feeds the cached
+input. With the head alone (``j = top + 1``) the cache holds the features themselves. The fast path is checked
+against a full forward pass before it is used (:meth:`check_prefix_path`); any mismatch falls back to full passes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,9 +46,18 @@ from ..models import HookedModel, Site
 from .config import NeuronRef, PredictorConfig
 from .dataset import SplitTensors
 
+log = logging.getLogger(__name__)
+
 
 class _Stop(Exception):
     """Raised by the read hook to end the forward pass once the residual stream has been read."""
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a frozen block whose output is supplied from a cache: returns its input unchanged."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
 
 
 @dataclass
@@ -56,19 +74,23 @@ class TargetCodec:
         return len(self.edges) + 1
 
     @classmethod
-    def fit(cls, targets: np.ndarray, n_classes: int) -> TargetCodec:
+    def fit(cls, targets: np.ndarray, n_classes: int, binning: str = "quantile") -> TargetCodec:
+        """Standardisation and ``n_classes`` bins: equally populated (``quantile``) or equally wide (``uniform``)."""
         y = np.asarray(targets, dtype=np.float64)
         if y.size < 2:
             raise ConfigError("fewer than 2 training targets; raise dataset.max_tokens")
-        edges = np.unique(np.quantile(y, np.arange(1, n_classes) / n_classes))
+        if binning == "uniform":
+            lo, hi = float(y.min()), float(y.max())
+            edges = np.unique(np.linspace(lo, hi, n_classes + 1)[1:-1]) if hi > lo else np.array([lo])
+        else:
+            edges = np.unique(np.quantile(y, np.arange(1, n_classes) / n_classes))
         cls_idx = np.searchsorted(edges, y, side="right")
+        bounds = np.concatenate([[y.min()], edges, [y.max()]])
         values = []
         for c in range(len(edges) + 1):
             members = y[cls_idx == c]
-            if members.size:
-                values.append(float(members.mean()))
-            else:  # an empty bin (ties at an edge): its lower edge
-                values.append(float(edges[min(c, len(edges) - 1)]))
+            # an empty bin (ties at a quantile edge, or a gap in uniform bins) is represented by its midpoint
+            values.append(float(members.mean()) if members.size else float((bounds[c] + bounds[c + 1]) / 2))
         std = float(y.std())
         return cls(float(y.mean()), std if std > 1e-8 else 1.0, [float(e) for e in edges], values)
 
@@ -85,6 +107,10 @@ class TargetCodec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TargetCodec:
         return cls(float(data["mean"]), float(data["std"]), list(data["edges"]), list(data["class_values"]))
+
+
+Prefix = tuple[int, Tensor]
+"""``(start, states)``: the residual stream entering block ``start`` for every window of a split."""
 
 
 class ReadoutHead(nn.Module):
@@ -221,6 +247,73 @@ class ActivationPredictor:
                 pass
         return store["x"]
 
+    @contextlib.contextmanager
+    def _skip_blocks(self, start: int) -> Iterator[None]:
+        """Temporarily replace blocks ``0..start-1`` by pass-throughs (restored on exit, even on error)."""
+        blocks = self.hooked.blocks
+        saved = [blocks[i] for i in range(start)]
+        try:
+            for i in range(start):
+                blocks[i] = _Passthrough()
+            yield
+        finally:
+            for i, block in enumerate(saved):
+                blocks[i] = block
+
+    def features_from(self, start: int, states: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Features when ``states`` is the residual stream entering block ``start`` (see the module docstring)."""
+        if start > self.read_layer:
+            return states
+        store: dict[str, Tensor] = {}
+
+        def feed(act: Tensor, _site: Site) -> Tensor:
+            return states.to(device=act.device, dtype=act.dtype)
+
+        def grab(act: Tensor, _site: Site) -> None:
+            store["x"] = act
+            raise _Stop
+
+        dev = self.hooked.device
+        with self._skip_blocks(start), self.hooked.hooks({Site.resid_pre(start): feed, self.site: grab}):
+            try:
+                self.base(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+            except _Stop:
+                pass
+        return store["x"]
+
+    @torch.no_grad()
+    def prefix_states(self, split: SplitTensors, start: int, batch_size: int = 16) -> Tensor:
+        """Residual stream entering block ``start`` (or the features when ``start > read_layer``) for every window."""
+        if start > self.read_layer:
+            return self.compute_features(split, batch_size)
+        site = Site.resid_pre(start)
+        out = []
+        for i in range(0, len(split), batch_size):
+            _, cache = self.hooked.run_with_cache(split.input_ids[i : i + batch_size],
+                                                  split.attention_mask[i : i + batch_size], sites=[site],
+                                                  stop_at_layer=start + 1)
+            out.append(cache[site])
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def check_prefix_path(self, split: SplitTensors, start: int, n: int = 2) -> bool:
+        """Whether the cached-prefix forward equals a full forward on the first ``n`` windows of ``split``."""
+        if start == 0 or len(split) == 0:
+            return start == 0
+        sub = split.subset(list(range(min(n, len(split)))))
+        full = self.features(sub.input_ids, sub.attention_mask)
+        try:
+            fast = self.features_from(start, self.prefix_states(sub, start), sub.input_ids, sub.attention_mask)
+        except Exception as exc:  # noqa: BLE001 - any failure of the fast path means: do not use it
+            log.warning("cached frozen-prefix path unavailable (%s); using full forward passes", exc)
+            return False
+        mask = sub.attention_mask.bool().to(full.device)
+        scale = float(full[mask].abs().max()) or 1.0
+        ok = full.shape == fast.shape and float((full - fast)[mask].abs().max()) <= 1e-4 * scale
+        if not ok:
+            log.warning("cached frozen-prefix path differs from a full forward pass; using full passes")
+        return ok
+
     def compute_features(self, split: SplitTensors, batch_size: int = 16) -> Tensor:
         """Features of every window of ``split`` (no grad), in fixed chunks so values never depend on batching."""
         out = []
@@ -233,18 +326,22 @@ class ActivationPredictor:
         """Training items of a split: windows for the window heads, target tokens for the token head."""
         return len(split) if self.kind != "token" else split.n_targets
 
-    def _outputs(self, split: SplitTensors, items: Tensor, features: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _outputs(self, split: SplitTensors, items: Tensor, prefix: Prefix | None) -> tuple[Tensor, Tensor]:
         """Raw outputs for the targets of ``items`` and the targets ``y``.
 
         Window heads: ``[n_targets, n_out]`` head outputs; token head: ``[n_items, vocab]`` logits.
+        ``prefix``: ``(start, states)`` cached residual streams entering block ``start`` for every window.
         """
         if self.kind == "token":
             pairs = split.selected.nonzero()[items]
             logits = self._token_logits(split, pairs)
             return logits, split.target[pairs[:, 0], pairs[:, 1]].to(logits.device)
         assert self.head is not None
-        feats = features[items] if features is not None else self.features(
-            split.input_ids[items], split.attention_mask[items])
+        ids, mask = split.input_ids[items], split.attention_mask[items]
+        if prefix is not None:
+            feats = self.features_from(prefix[0], prefix[1][items], ids, mask)
+        else:
+            feats = self.features(ids, mask)
         dev = feats.device
         sel = split.selected[items].to(dev)
         out = self.head(feats[sel].to(self.head_dtype))
@@ -262,9 +359,9 @@ class ActivationPredictor:
             labels = self.answer_ids.to(labels.device)[labels]
         return F.cross_entropy(out, labels, reduction="sum")
 
-    def loss_on(self, split: SplitTensors, items: Tensor, features: Tensor | None = None) -> tuple[Tensor, int]:
+    def loss_on(self, split: SplitTensors, items: Tensor, prefix: Prefix | None = None) -> tuple[Tensor, int]:
         """Summed loss and number of targets over ``items`` (indices into :meth:`n_items`)."""
-        out, y = self._outputs(split, items, features)
+        out, y = self._outputs(split, items, prefix)
         return self._loss(out, y), int(y.numel())
 
     @property
@@ -274,7 +371,7 @@ class ActivationPredictor:
 
     @torch.no_grad()
     def predict(self, split: SplitTensors, *, batch_size: int = 16,
-                features: Tensor | None = None) -> tuple[Predictions, float]:
+                prefix: Prefix | None = None) -> tuple[Predictions, float]:
         """Predictions for every selected position of ``split`` and the mean loss over them."""
         scores, classes, probs, free = [], [], [], []
         values = torch.tensor(self.codec.class_values, dtype=torch.float32)
@@ -283,7 +380,7 @@ class ActivationPredictor:
         n = self.n_items(split)
         for i in range(0, n, batch_size):
             items = torch.arange(i, min(n, i + batch_size))
-            out, y = self._outputs(split, items, features)
+            out, y = self._outputs(split, items, prefix)
             total += float(self._loss(out, y))
             count += int(y.numel())
             out = out.float().cpu()

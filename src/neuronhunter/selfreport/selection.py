@@ -9,8 +9,10 @@ statistics come from one of three sources:
 * ``scan``: a small self-contained scan of the candidate layers over the first ``scan_tokens`` tokens of the
   *training* documents (never validation/test text). Per neuron and layer it accumulates power sums of the
   activation in float64 (shifted by a first-batch mean to avoid cancellation) and derives mean, std, min, max,
-  excess kurtosis ``m4 / m2^2 - 3`` and the fraction of tokens above ``active_threshold``. Position 0 (BOS, the
-  attention sink with atypical activations) is never counted.
+  excess kurtosis ``m4 / m2^2 - 3``, the fraction of tokens above ``active_threshold`` and the fraction of
+  documents in which it exceeds the threshold at least once (``doc_frac_active``: with a split by document, a
+  neuron that fires in a single document can be neither learned nor evaluated). Position 0 (BOS, the attention
+  sink with atypical activations) is never counted.
 * ``run``: a scan run folder's ``neurons.parquet`` (``layer``, ``neuron`` and the statistics columns; after a
   hunt also ``verdict`` and ``top_category`` for the ``verdict``/``category`` filters).
 """
@@ -33,7 +35,8 @@ from .config import DatasetConfig, NeuronRef, SelectionConfig
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
-STAT_COLUMNS = ["layer", "neuron", "count", "mean", "std", "min", "max", "frac_active", "kurtosis"]
+STAT_COLUMNS = ["layer", "neuron", "count", "mean", "std", "min", "max", "frac_active", "kurtosis",
+                "doc_frac_active", "n_docs"]
 
 
 @dataclass
@@ -67,12 +70,18 @@ def _row_dict(df: Any, n: NeuronRef) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- scanning
 def scan_stats(
     hooked: HookedModel,
-    windows_ids: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, ...]],
     layers: list[int],
     *,
     active_threshold: float = 0.0,
 ) -> Any:
-    """Per-neuron statistics of ``mlp.hook_post`` at ``layers`` over batches ``(input_ids, attention_mask)``.
+    """Per-neuron statistics of ``mlp.hook_post`` at ``layers``.
+
+    Args:
+        batches: ``(input_ids, attention_mask)`` or ``(input_ids, attention_mask, doc_ids)``; with document ids the
+            table also has ``doc_frac_active``, the fraction of documents where the neuron exceeds
+            ``active_threshold`` at least once (a neuron that fires in one document only cannot be learned and
+            evaluated with a split by document).
 
     Position 0 of every row is skipped (BOS). Returns a DataFrame with :data:`STAT_COLUMNS`.
     """
@@ -87,14 +96,22 @@ def scan_stats(
     amax = torch.full((n_l, d), -torch.inf, dtype=torch.float64)
     amin = torch.full((n_l, d), torch.inf, dtype=torch.float64)
     active = torch.zeros(n_l, d, dtype=torch.float64)
+    doc_max: dict[int, torch.Tensor] = {}  # doc id -> [layers, d_mlp] max activation in that document
     count = 0
     with hooked.capture(sites, stop_at_layer=max(layers) + 1) as cache:
-        for ids, mask in windows_ids:
+        for batch in batches:
+            ids, mask = batch[0], batch[1]
             hooked.forward(ids, mask, stop_at_layer=max(layers) + 1)
             keep = mask.bool().clone()
             keep[:, 0] = False
             if not keep.any():
                 continue
+            if len(batch) > 2:
+                full = torch.stack([cache[s] for s in sites], 1).float().cpu()  # [b, layers, pos, d_mlp]
+                full = full.masked_fill(~keep[:, None, :, None], -torch.inf).amax(2)  # [b, layers, d_mlp]
+                for row, doc in enumerate(batch[2].tolist()):
+                    prev = doc_max.get(doc)
+                    doc_max[doc] = full[row] if prev is None else torch.maximum(prev, full[row])
             # acts: [layers, tokens, d_mlp]
             acts = torch.stack([cache[s][keep.to(cache[s].device)] for s in sites]).to(torch.float64).cpu()
             if shift is None:
@@ -129,6 +146,10 @@ def scan_stats(
             "kurtosis": kurt.reshape(-1).numpy(),
         }
     )
+    if doc_max:
+        docs = torch.stack(list(doc_max.values()))  # [docs, layers, d_mlp]
+        frame["doc_frac_active"] = (docs > active_threshold).double().mean(0).reshape(-1).numpy()
+        frame["n_docs"] = len(doc_max)
     return frame
 
 
@@ -190,7 +211,7 @@ class NeuronScanner:
 
         def batches():
             for batch, _ in iter_batches(windows, batch_size=8, pad_token_id=pad, has_bos=True):
-                yield batch.input_ids, batch.attention_mask
+                yield batch.input_ids, batch.attention_mask, batch.doc_ids
                 done[0] += int(batch.attention_mask[:, 1:].sum())
                 if self.progress:
                     self.progress("scanning neurons", min(done[0], total), total)
@@ -249,6 +270,9 @@ class NeuronScanner:
         if cfg.min_frac_active > 0 or cfg.max_frac_active < 1 or cfg.criterion == "density":
             need("frac_active", "the frac_active filters / density criterion")
             df = df[(df["frac_active"] >= cfg.min_frac_active) & (df["frac_active"] <= cfg.max_frac_active)]
+        if cfg.min_doc_frac_active > 0:
+            need("doc_frac_active", "the min_doc_frac_active filter (a fresh scan computes it)")
+            df = df[df["doc_frac_active"] >= cfg.min_doc_frac_active]
         if cfg.verdict is not None:
             need("verdict", "the verdict filter (run `neuronhunter hunt` on the scan first)")
             df = df[df["verdict"].astype(str) == cfg.verdict]
@@ -278,6 +302,7 @@ class NeuronScanner:
             self._check_neuron(n)
         order = "lowest" if ascending else "highest"
         filters = {"min_frac_active": cfg.min_frac_active, "max_frac_active": cfg.max_frac_active,
+                   "min_doc_frac_active": cfg.min_doc_frac_active,
                    "active_threshold": cfg.active_threshold, "verdict": cfg.verdict, "category": cfg.category}
         info = {**info, "criterion": cfg.criterion, "filters": filters, "n_candidates": int(len(df)),
                 "reason": f"{order} {cfg.criterion} among {len(df)} candidate neurons after filtering"}

@@ -1,9 +1,11 @@
 """Training the predictor (``PredictorTrainer``): unfreezing strategies, AdamW, early stopping, resume.
 
-*Unfreezing.* ``head``: only the readout head learns (the model is frozen, so its features are computed once and
-cached). ``last_k``: the head and the ``k`` blocks just below the read point. ``all``: every parameter.
+*Unfreezing.* ``head``: only the readout head learns. ``last_k``: the head and the ``k`` blocks just below the read point. ``all``: every parameter.
 ``gradual``: the head first, then one more block from the top every ``gradual_every`` optimizer steps (ULMFiT-style
 gradual unfreezing), up to ``gradual_max`` blocks. The head learns at ``lr``, model parameters at ``body_lr``.
+With ``cache_frozen`` (window heads) the residual stream entering the first trainable block is computed once per
+window and every step runs only the trainable blocks (the head alone: the features are cached), which makes
+``head`` and ``last_k`` training several times cheaper than full forward passes.
 
 *Determinism.* The model stays in eval mode (no dropout), the head is initialised from ``seed`` and the data order
 of epoch ``e`` is a permutation drawn from ``seed`` and ``e`` alone. So a run interrupted after any step and resumed
@@ -36,7 +38,7 @@ from ..errors import RunDirError
 from ..io import atomic_path, write_json
 from .config import TrainingConfig
 from .dataset import SplitTensors
-from .predictor import ActivationPredictor
+from .predictor import ActivationPredictor, Prefix
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,9 @@ class PredictorTrainer:
             raise RunDirError("the training split has no target tokens")
         self.max_blocks = predictor.n_blocks_below_top
         cfg = config
+        self.use_prefix = cfg.cache_frozen and predictor.kind != "token"
+        self._prefix: dict[tuple[str, int], Prefix] = {}
+        self._checked: set[int] = set()
         self.tunable_model_names = predictor.model_param_names(self._final_unfrozen())
         self.params = predictor.named_tunable(self.tunable_model_names)
         head = [p for k, p in self.params.items() if k.startswith("head.")]
@@ -267,9 +272,9 @@ class PredictorTrainer:
         return state
 
     # ------------------------------------------------------------------------------------------ evaluation
-    def evaluate(self, features: torch.Tensor | None = None) -> tuple[float, float]:
+    def evaluate(self, prefix: Prefix | None = None) -> tuple[float, float]:
         """Mean validation loss and the Pearson correlation of the predictions with the targets."""
-        preds, loss = self.p.predict(self.val_split, batch_size=self.eval_batch_size, features=features)
+        preds, loss = self.p.predict(self.val_split, batch_size=self.eval_batch_size, prefix=prefix)
         y = self.val_split.target[self.val_split.selected]
         return loss, _pearson(torch.from_numpy(preds.score).float(), y)
 
@@ -302,20 +307,10 @@ class PredictorTrainer:
         logger = MetricsLogger(self.out / "logs" if self.out else None, cfg, run_name=self.run_name,
                                rows=state["rows"], purge_step=state["step"] or None,
                                extra={"training": cfg.model_dump(mode="json"), **p.describe()})
-        cache: dict[str, torch.Tensor | None] = {"train": None, "val": None}
-
-        def features(split: str) -> torch.Tensor | None:
-            if p.kind == "token" or p.model_trainable():
-                return None
-            if cache[split] is None:
-                data = self.train_split if split == "train" else self.val_split
-                cache[split] = p.compute_features(data, self.eval_batch_size)
-            return cache[split]
-
         def run_eval(step: int, epoch: int) -> bool:
             """Evaluate, checkpoint; returns True when early stopping triggers."""
             nonlocal best
-            loss, r = self.evaluate(features("val"))
+            loss, r = self.evaluate(self.prefix("val", self.prefix_start(max(0, step - 1))))
             row = {"step": step, "epoch": epoch, "split": "val", "loss": loss, "pearson": r,
                    "unfrozen": self._unfrozen_number(step), "elapsed_s": prior + time.perf_counter() - t0}
             logger.log(row)
@@ -349,11 +344,8 @@ class PredictorTrainer:
             groups = [micro[i : i + cfg.grad_accum] for i in range(0, len(micro), cfg.grad_accum)]
             start = state["pos"] if epoch == state["epoch"] else 0
             for gi in range(start, len(groups)):
-                unfrozen = self.unfrozen_at(step)
-                before = p.model_trainable()
-                p.set_unfrozen(unfrozen)
-                if p.model_trainable() and not before:
-                    cache.update(train=None, val=None)
+                p.set_unfrozen(self.unfrozen_at(step))
+                prefix = self.prefix("train", self.prefix_start(step))
                 factor = self.lr_factor(step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = g["base_lr"] * factor
@@ -361,9 +353,8 @@ class PredictorTrainer:
                 group = groups[gi]
                 n_targets = sum(int(self._targets_in(items)) for items in group)
                 total_loss = 0.0
-                feats = features("train")
                 for items in group:
-                    loss, _ = p.loss_on(self.train_split, items, feats)
+                    loss, _ = p.loss_on(self.train_split, items, prefix)
                     (loss / max(n_targets, 1)).backward()
                     total_loss += float(loss.detach())
                 if cfg.grad_clip is not None:
@@ -410,6 +401,33 @@ class PredictorTrainer:
             best_val_loss=state["best_val"], stopped_early=bool(state["stopped_early"]), interrupted=interrupted,
             elapsed_s=round(elapsed, 3), unfrozen=self.unfrozen_at(max(0, step - 1)), history=list(logger.rows),
         )
+
+    # ------------------------------------------------------------------------------------------ frozen prefix
+    def prefix_start(self, step: int) -> int | None:
+        """First trainable block at ``step`` when the frozen-prefix cache applies (see the predictor), else None."""
+        if not self.use_prefix:
+            return None
+        u = self.unfrozen_at(step)
+        if u == "all":
+            return None
+        start = self.p.top_block - int(u) + 1
+        return start if start > 0 else None
+
+    def prefix(self, split: str, start: int | None) -> Prefix | None:
+        """The cached residual streams entering block ``start`` for ``split`` (computed once per start)."""
+        if start is None:
+            return None
+        key = (split, start)
+        if key not in self._prefix:
+            if start not in self._checked:
+                self._checked.add(start)
+                if not self.p.check_prefix_path(self.train_split, start):
+                    self.use_prefix = False
+                    return None
+            self._prefix = {k: v for k, v in self._prefix.items() if k[1] == start}  # drop stale starts
+            data = self.train_split if split == "train" else self.val_split
+            self._prefix[key] = (start, self.p.prefix_states(data, start, self.eval_batch_size))
+        return self._prefix[key]
 
     def _targets_in(self, items: torch.Tensor) -> int:
         if self.p.kind == "token":
