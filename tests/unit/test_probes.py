@@ -147,3 +147,16 @@ def test_probe_needs_two_documents(model):
         P.linear_probes(d)
     with pytest.raises(ConfigError, match="probe site"):
         P.collect_features(model, batches, LABELLER.categories, site="banana")
+
+
+def test_standardised_mean_difference_and_f1_threshold():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(50, 3)).astype(np.float32) * np.array([1.0, 100.0, 0.01], dtype=np.float32)
+    y = (rng.random(50) < 0.3).astype(int)
+    rows = np.arange(10, 50)
+    Xr, yr = X[rows].astype(np.float64), y[rows].astype(bool)
+    raw = Xr[yr].mean(0) - Xr[~yr].mean(0)
+    np.testing.assert_allclose(P.mean_difference(X, y, rows, standardize=False), raw, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(P.mean_difference(X, y, rows), raw / (Xr.std(0) + 1e-6), rtol=1e-5)
+    scores = np.array([0.9, 0.8, 0.7, 0.2, 0.1])
+    assert P._f1_threshold(scores, np.array([1, 1, 0, 0, 0])) == 0.8

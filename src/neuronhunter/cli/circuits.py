@@ -132,6 +132,8 @@ def register(app: typer.Typer) -> None:
                                    "instead of the concept categories"),
         concepts: str = typer.Option(None, help="Concept lexicon [default: the run's, else bundled]"),
         include_none: bool = typer.Option(False, help="Add unlabelled tokens as a 'none' class"),
+        categories: str = typer.Option(None, help="Probe only these classes, e.g. 'animal,color,food' (tokens "
+                                       "of other categories count as unlabelled) [default: all]"),
         max_tokens: int = typer.Option(4096),
         tokens_per_doc: int = typer.Option(256, help="At most this many tokens per document (0 = no cap): spreads "
                                            "the tokens over more documents for the split by document"),
@@ -161,6 +163,7 @@ def register(app: typer.Typer) -> None:
                                     progress=lambda: progress.advance(task))
             task2 = progress.add_task("fitting probes", total=len(layer_list))
             df = linear_probes(data, include_none=include_none, n_splits=folds, seed=seed,
+                               categories=[c.strip() for c in categories.split(",")] if categories else None,
                                progress=lambda: progress.advance(task2))
         folder = _out(out, run, "probes")
         write_table(df, folder / f"probes_{site}", formats=("parquet", "csv"))
@@ -189,6 +192,7 @@ def register(app: typer.Typer) -> None:
         labels: str = typer.Option(None, help="File of token labels instead of the concept categories"),
         concepts: str = typer.Option(None, help="Concept lexicon [default: the run's, else bundled]"),
         min_positive: int = typer.Option(10, help="Skip categories with fewer tokens"),
+        categories: str = typer.Option(None, help="Probe only these categories, e.g. 'animal,color'"),
         max_tokens: int = typer.Option(4096),
         tokens_per_doc: int = typer.Option(256, help="At most this many tokens per document (0 = no cap): spreads "
                                            "the tokens over more documents for the split by document"),
@@ -219,6 +223,7 @@ def register(app: typer.Typer) -> None:
                                     progress=lambda: progress.advance(task))
             task2 = progress.add_task("probing categories", total=len(cats))
             res = sparse_probe(data, ks=k_list, n_splits=folds, seed=seed, min_positive=min_positive,
+                               categories=[c.strip() for c in categories.split(",")] if categories else None,
                                progress=lambda: progress.advance(task2))
         folder = _out(out, run, "probes")
         write_table(res.curve, folder / "sparse_probes", formats=("parquet", "csv"))
