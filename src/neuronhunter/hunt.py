@@ -296,7 +296,13 @@ def run_hunt(
                     write=write)
     features = features_from_state(scan.state, scan.categories)
     scores = score_neurons(features, labeller.control, cfg.thresholds, labeller.cooccurrence)
-    result = assemble(scores, scan.neurons_frame(), scan.concepts_frame(),
+    if write:  # the scan just wrote its tables: reading them back is cheaper than rebuilding them
+        from .io import read_table
+
+        neurons, concepts = read_table(Path(cfg.out) / "neurons.parquet"), read_table(Path(cfg.out) / "concepts.parquet")
+    else:
+        neurons, concepts = scan.neurons_frame(), scan.concepts_frame()
+    result = assemble(scores, neurons, concepts,
                       lambda layer, neuron: top_example(scan, layer, neuron), scan.manifest(),
                       _labelled_counts(scan.state), thresholds=cfg.thresholds, cooccurrence=labeller.cooccurrence,
                       top_per_category=cfg.top_per_category, tokens=scan.state.tokens)

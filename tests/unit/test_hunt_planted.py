@@ -217,3 +217,23 @@ def test_planted_run_folder(planted):
     assert (counts == 1).all()
     assert read_json(out / "hunt.json")["cooccurrence"][0][0] == int(
         concepts[(concepts.category == "animal")]["count"].iloc[0])
+
+
+def test_rescore_from_stored_statistics(planted, tmp_path):
+    import shutil
+
+    from neuronhunter.analysis.selectivity import VerdictThresholds
+    from neuronhunter.hunt import rescore_run
+
+    family, result, out = planted
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    strict = rescore_run(copy, VerdictThresholds(dprime_min=1e12))
+    neurons = read_table(copy / "neurons.parquet").set_index(["layer", "neuron"])
+    assert neurons.loc[(0, MONO), "verdict"] == "unselective" and neurons.loc[(0, POS0), "verdict"] == "positional"
+    assert not read_table(copy / "concepts.parquet")["selective"].any()
+    assert read_json(copy / "config.json")["thresholds"]["dprime_min"] == 1e12
+    assert strict.manifest["hunt"]["verdicts"]["monosemantic"] == 0
+    again = rescore_run(copy, VerdictThresholds())  # back to the defaults: the same verdicts as the live hunt
+    assert again.scores.frame["verdict"].tolist() == result.scores.frame["verdict"].tolist()
+    assert read_json(copy / "manifest.json")["kind"] == "hunt"
