@@ -30,10 +30,18 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.exists():
+            os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -90,7 +98,7 @@ def write_table(df: Any, path: str | os.PathLike[str], *, formats: tuple[str, ..
                         flat[col] = flat[col].map(lambda v: ";".join(str(x) for x in v))
                 flat.to_csv(tmp, index=False)
             elif fmt == "json":
-                df.to_json(tmp, orient="records", indent=1)
+                df.to_json(tmp, orient="records")
             else:
                 raise ValueError(f"unknown table format {fmt!r}")
         written.append(out)

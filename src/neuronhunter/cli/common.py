@@ -17,8 +17,14 @@ from rich.progress import (
 
 from ..errors import ConfigError
 
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """A rich console; when output is not a terminal (pipes, CI logs) use a wide fixed width, not 80 columns."""
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=140)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 T = TypeVar("T")
 

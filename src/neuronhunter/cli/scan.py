@@ -26,6 +26,7 @@ def run_with_progress(cfg: ScanConfig, *, overwrite: bool, resume: bool, **kwarg
 
 def print_scan_summary(result, *, top: int = 1) -> None:
     """Strongest neuron per layer and dead-neuron counts."""
+    from rich.markup import escape
     from rich.table import Table
 
     neurons = result.neurons_frame()
@@ -50,7 +51,7 @@ def print_scan_summary(result, *, top: int = 1) -> None:
             key = (int(row["layer"]), int(row["neuron"]))
             ctx = first.loc[key, "context"] if key in first.index else ""
             table.add_row(str(layer), str(int(row["neuron"])), f"{row['max']:.2f}", f"{row['mean']:.3f}",
-                          f"{row['frac_active']:.2f}", str(dead), ctx.replace("\n", " ").strip()[-60:])
+                          f"{row['frac_active']:.2f}", str(dead), escape(ctx.replace("\n", " ").strip()[-60:]))
     console.print(table)
     total_dead = int((neurons["max"] <= thr).sum())
     console.print(f"Dead neurons (never above {thr}): {total_dead} of {len(neurons):,}")
