@@ -76,7 +76,9 @@ def print_hunt_summary(result: Any) -> None:
     best["kind"] = best["kind"].map({"monosemantic": "mono", "polysemantic": "poly"})
     best["categories"] = best["categories"].str.replace(";", "+")
     best["example"] = [short_example(e) for e in best["example"]]
-    print_frame(best[["category", "kind", "neuron", "mean", "dprime", "crs", "categories", "example"]],
+    best = best.rename(columns={"mean": "cat. mean", "example": "its strongest activation (any token)"})
+    print_frame(best[["category", "kind", "neuron", "cat. mean", "dprime", "crs", "categories",
+                      "its strongest activation (any token)"]],
                 "Top neuron per category and kind (ranked by the category's d')")
 
 
@@ -167,10 +169,12 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
         from ..analysis.interpret import interpret_run
 
         tables = interpret_run(run, out)
-        print_frame(tables["category_layer"], "Selective neurons: category x layer", index=True)
-        print_frame(tables["monosemantic_layer"], "Monosemantic neurons (by top category): category x layer",
+        # printed with layers as rows (fits a terminal); the CSV files have categories as rows
+        print_frame(tables["category_layer"].T, "Selective neurons per layer and category (CSV: category x layer)",
                     index=True)
-        print_frame(tables["verdict_layer"], "Verdicts: verdict x layer", index=True)
+        print_frame(tables["monosemantic_layer"].T, "Monosemantic neurons per layer, by top category", index=True)
+        verdicts = tables["verdict_layer"].T.rename(columns={"monosemantic": "mono", "polysemantic": "poly"})
+        print_frame(verdicts, "Verdicts per layer", index=True)
         sel = tables["selectivity_layer"][["layer", "neurons", "mean_crs", "mean_dprime", "mean_entropy",
                                            "share_monosemantic", "share_polysemantic", "share_positional"]]
         print_frame(sel, "Mean selectivity per layer (non-dead neurons)")
