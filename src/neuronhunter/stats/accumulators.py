@@ -28,6 +28,15 @@ from torch import Tensor
 F64 = torch.float64
 
 
+def _rows(t: Tensor) -> tuple[int, ...]:
+    """The leading dims of ``t`` (every dim but the last, the neuron dim): what statistics reduce over."""
+    return tuple(range(t.ndim - 1))
+
+
+def _n_rows(t: Tensor) -> int:
+    return t.numel() // t.shape[-1] if t.shape[-1] else 0
+
+
 class Moments:
     """Count, power sums (for mean, std, skewness, kurtosis), min, max, and the count above a threshold."""
 
@@ -51,7 +60,7 @@ class Moments:
         zero_rows: int = 0,
         minmax: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        """Add a batch ``x: [tokens, d]``.
+        """Add a batch ``x: [..., d]`` (any leading dims are tokens).
 
         Args:
             x2: ``x * x`` if already computed (shares work with other accumulators).
@@ -59,22 +68,23 @@ class Moments:
             minmax: per-neuron (min, max) of the counted tokens, if the caller computed them (required when
                 ``zero_rows > 0``, since the placeholders would distort them).
         """
-        n = x.shape[0] - zero_rows
+        n = _n_rows(x) - zero_rows
         if n <= 0:
             return
         x2 = x * x if x2 is None else x2
+        dims = _rows(x)
         self.count += n
-        self.s1 += x.sum(0).to(F64).cpu()
-        self.s2 += x2.sum(0).to(F64).cpu()
-        self.s3 += (x2 * x).sum(0).to(F64).cpu()
-        self.s4 += (x2 * x2).sum(0).to(F64).cpu()
+        self.s1 += x.sum(dims).to(F64).cpu()
+        self.s2 += x2.sum(dims).to(F64).cpu()
+        self.s3 += (x2 * x).sum(dims).to(F64).cpu()
+        self.s4 += (x2 * x2).sum(dims).to(F64).cpu()
         if minmax is None:
             if zero_rows:
                 raise ValueError("minmax is required with zero_rows")
-            minmax = (x.amin(0), x.amax(0))
+            minmax = (x.amin(dims), x.amax(dims))
         torch.minimum(self.min, minmax[0].float().cpu(), out=self.min)
         torch.maximum(self.max, minmax[1].float().cpu(), out=self.max)
-        active = (x > self.threshold).sum(0, dtype=torch.int32).cpu()
+        active = (x > self.threshold).sum(dims, dtype=torch.int32).cpu()
         if zero_rows and 0.0 > self.threshold:
             active -= zero_rows
         self.active += active
@@ -136,17 +146,22 @@ class Histogram:
         return min(max(raw, 0), self.n_bins + 1)
 
     def update(self, x: Tensor, *, zero_rows: int = 0) -> None:
-        """Add ``x: [tokens, d]``; ``zero_rows`` rows are zeroed placeholders that are not counted."""
-        if x.shape[0] - zero_rows <= 0:
+        """Add ``x: [..., d]``; ``zero_rows`` rows are zeroed placeholders that are not counted."""
+        if _n_rows(x) - zero_rows <= 0:
             return
         nb = self.n_bins + 2
         scale = self.n_bins / (self.hi - self.lo)
-        # bin 0 = underflow, 1..n_bins = regular, n_bins+1 = overflow
-        idx = ((x - self.lo) * scale).floor_().clamp_(-1, self.n_bins).add_(1).to(torch.int32)
         if self._offsets is None or self._offsets.device != x.device:
-            self._offsets = torch.arange(self.d, device=x.device, dtype=torch.int32) * nb
-        idx += self._offsets
-        counts = torch.bincount(idx.view(-1), minlength=self.d * nb).view(self.d, nb).cpu()
+            self._offsets = torch.arange(self.d, device=x.device, dtype=torch.float32) * nb
+        # bin 0 = underflow, 1..n_bins = regular, n_bins+1 = overflow. Shifted by one bin, values are >= 0 after
+        # the clamp, so truncation to int is the floor; the neuron offset is added in float (exact below 2**24).
+        t = x * scale
+        t.add_(1.0 - self.lo * scale).clamp_(0.0, nb - 0.5)
+        if self.d * nb < 2**24:
+            idx = t.add_(self._offsets).to(torch.int32).reshape(-1)
+        else:  # offsets too large for exact float arithmetic
+            idx = (t.to(torch.int64) + self._offsets.to(torch.int64)).reshape(-1)
+        counts = torch.bincount(idx, minlength=self.d * nb).view(self.d, nb).cpu()
         if zero_rows:
             counts[:, self.bin_of(0.0)] -= zero_rows
         self.counts += counts
@@ -310,8 +325,11 @@ class PositionStats:
     def update(self, acts: Tensor, mask: Tensor) -> None:
         """``acts: [batch, pos, d]``, ``mask: [batch, pos]`` (1 for real tokens)."""
         t = acts.shape[1]
-        m = mask.to(acts.dtype)
-        self.sum[:t] += torch.einsum("bt,btd->td", m, acts).to(F64).cpu()
+        if bool(mask.all()):
+            sums = acts.sum(0)
+        else:
+            sums = torch.einsum("bt,btd->td", mask.to(acts.dtype), acts)
+        self.sum[:t] += sums.to(F64).cpu()
         self.count[:t] += mask.sum(0).long().cpu()
         first = acts[:, 0][mask[:, 0].bool()]
         if first.shape[0]:

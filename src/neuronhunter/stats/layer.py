@@ -61,30 +61,37 @@ class LayerStats:
         if int(lengths.sum()) == 0:
             return
         keep_flat = keep.view(-1)
-        flat = acts.reshape(b * t, d)
-        n_excluded = b * t - int(lengths.sum())
-        if n_excluded:
-            # zero the excluded rows in a copy: exact sums without subtracting (possibly huge) BOS values
-            x = flat.clone()
-            x[~keep_flat] = 0
+        body = acts[:, start:]  # [b, t', d] view
+        full = bool((lengths == body.shape[1]).all())
+        if full:
+            # the common case (only position 0 excluded, no padding): reduce the strided view, no copy
+            x, n_excluded = body, 0
         else:
-            x = flat
+            # zero the excluded rows in a copy: exact sums without subtracting (possibly huge) BOS values
+            x = acts.reshape(b * t, d).clone()
+            x[~keep_flat] = 0
+            n_excluded = b * t - int(lengths.sum())
         x2 = x * x
 
         # per-window max and min over the counted positions: feeds min/max and the top-k
-        body = acts[:, start:]
         wmax, wmin = body.amax(1), body.amin(1)  # [b, d]
-        for i in torch.nonzero(lengths < body.shape[1]).view(-1).tolist():
-            n = int(lengths[i])
-            if n == 0:
-                wmax[i], wmin[i] = float("-inf"), float("inf")
-            else:
-                wmax[i], wmin[i] = body[i, :n].amax(0), body[i, :n].amin(0)
+        if not full:
+            for i in torch.nonzero(lengths < body.shape[1]).view(-1).tolist():
+                n = int(lengths[i])
+                if n == 0:
+                    wmax[i], wmin[i] = float("-inf"), float("inf")
+                else:
+                    wmax[i], wmin[i] = body[i, :n].amax(0), body[i, :n].amin(0)
 
         self.moments.update(x, x2, zero_rows=n_excluded, minmax=(wmin.amin(0), wmax.amax(0)))
         self.hist.update(x, zero_rows=n_excluded)
         if self.concepts is not None and labels is not None:
-            self.concepts.update(x, labels.reshape(b * t, -1), x2, keep=keep_flat)
+            lab = labels.reshape(b * t, -1)
+            if full:
+                flat = acts.reshape(b * t, d)
+                self.concepts.update(flat, lab, flat * flat, keep=keep_flat)
+            else:
+                self.concepts.update(x, lab, x2, keep=keep_flat)
 
         def locate(rows: Tensor, neurons: Tensor) -> Tensor:
             rows, neurons = rows.to(acts.device), neurons.to(acts.device)
