@@ -253,9 +253,21 @@ def register(app: typer.Typer) -> None:
                                              "tokens": res.clean_tokens})
         console.print(f"logit diff {res.answer!r} − {res.wrong!r}: clean {res.clean_metric:.3f}, corrupted "
                       f"{res.corrupted_metric:.3f}")
-        flat = [(float(res.resid[i, p]), L, p) for i, L in enumerate(res.layers) for p in range(res.resid.shape[1])]
-        for v, L, p in sorted(flat, key=lambda x: -abs(x[0]) if x[0] == x[0] else 0)[:5]:
-            console.print(f"  resid_pre layer {L} position {p} {res.clean_tokens[p]!r}: restored {v:.3f}")
+        from rich.table import Table
+
+        n_pos = res.resid.shape[1]
+        if n_pos <= 16:
+            t = Table(title="Restored fraction when patching resid_pre at (layer, position)")
+            t.add_column("layer", justify="right")
+            for p in range(n_pos):
+                t.add_column(f"{p}:{res.clean_tokens[p]!r}"[:14], justify="right")
+            for i, L in enumerate(res.layers):
+                t.add_row(str(L), *[f"{float(res.resid[i, p]):.2f}" for p in range(n_pos)])
+            console.print(t)
+        else:
+            flat = [(float(res.resid[i, p]), L, p) for i, L in enumerate(res.layers) for p in range(n_pos)]
+            for v, L, p in sorted(flat, key=lambda x: -abs(x[0]) if x[0] == x[0] else 0)[:5]:
+                console.print(f"  resid_pre layer {L} position {p} {res.clean_tokens[p]!r}: restored {v:.3f}")
         if res.heads is not None:
             hs = [(float(res.heads[i, h]), L, h) for i, L in enumerate(res.layers) for h in range(res.heads.shape[1])]
             for v, L, h in sorted(hs, key=lambda x: -abs(x[0]) if x[0] == x[0] else 0)[:5]:
