@@ -141,3 +141,39 @@ def test_requires_a_hunt_run(tmp_path):
     write_json(tmp_path / "manifest.json", {"kind": "scan"})
     with pytest.raises(RunDirError, match="neuronhunter hunt"):
         require_hunt(tmp_path)
+
+
+def test_neuron_activation_figure_colours_tokens_by_category():
+    from neuronhunter.report.figures import category_colors, neuron_activation_figure
+
+    cats = ["animal", "color"]
+    labels = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [0, 0]], dtype=bool)
+    fig = neuron_activation_figure(["<s>", " cat", " red", " fox", "\n"], [9.0, 1.0, 2.0, 3.0, 0.5], labels, cats,
+                                   first_is_special=True)
+    traces = {t.name: t for t in fig.data}
+    assert set(traces) == {"animal", "color", "unlabelled", "position 0"}
+    assert list(traces["animal"].x) == [1, 3]  # " fox" (animal + color) is coloured by its first category
+    assert list(traces["color"].y) == [2.0] and list(traces["position 0"].x) == [0]
+    assert traces["animal"].marker.color == category_colors(cats)["animal"]
+    assert traces["animal"].customdata[1][1] == "animal, color"
+    assert list(fig.layout.xaxis.ticktext) == ["<s>", "·cat", "·red", "·fox", "⏎"]
+    with pytest.raises(ValueError, match="shapes"):
+        neuron_activation_figure(["a"], [1.0, 2.0], labels[:1], cats)
+
+
+def test_heatmap_and_offline_html(tmp_path):
+    from neuronhunter.report.export import kaleido_available, write_figure
+    from neuronhunter.report.figures import layer_category_heatmap
+
+    table = pd.DataFrame([[1, 0, 4], [2, 3, 0]], index=["animal", "color"], columns=[0, 1, 2])
+    fig = layer_category_heatmap(table)
+    assert fig.data[0].z.tolist() == [[1, 0, 4], [2, 3, 0]] and list(fig.data[0].x) == ["0", "1", "2"]
+    written = write_figure(fig, tmp_path / "map", png=False)
+    assert written == [tmp_path / "map.html"]
+    page = written[0].read_text()
+    assert "<script src" not in page and len(page) > 1_000_000 and '"animal"' in page
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic: no temporary file left
+    if not kaleido_available():
+        with pytest.raises(ConfigError, match="kaleido"):
+            write_figure(fig, tmp_path / "m2.html", png=True)
+        assert not (tmp_path / "m2.html").exists()
