@@ -14,6 +14,15 @@ from neuronhunter.analysis.patching import patching_sweep
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads can be several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def induction(embedded):
     return induction_scores(embedded, seq_len=20, n_seqs=4, batch_size=4)
