@@ -32,6 +32,18 @@ _EXPORTS: dict[str, str] = {
     "ConceptLabeller": "neuronhunter.data.concepts",
     "LayerStats": "neuronhunter.stats.layer",
     "NeuronHunterError": "neuronhunter.errors",
+    # verify and explain
+    "ablation_effect": "neuronhunter.analysis.interventions",
+    "neuron_ablation": "neuronhunter.analysis.interventions",
+    "head_ablation": "neuronhunter.analysis.interventions",
+    "patching_sweep": "neuronhunter.analysis.patching",
+    "head_scores": "neuronhunter.analysis.heads",
+    "induction_scores": "neuronhunter.analysis.heads",
+    "linear_probes": "neuronhunter.analysis.probes",
+    "sparse_probe": "neuronhunter.analysis.probes",
+    "verify_run": "neuronhunter.analysis.verification",
+    "direct_logit_weights": "neuronhunter.analysis.attribution",
+    "crs": "neuronhunter.analysis.metrics",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
