@@ -61,7 +61,16 @@ from torch import Tensor, nn
 from ..analysis.metrics import angular_distance, crs, mean_pairwise_angle, weight_entropy
 from ..errors import ConfigError
 from ..io import atomic_path, write_json
-from ._common import ProgressFn, clean_json, mean, prepare_run_dir, resolve_device, std, write_manifest
+from ._common import (
+    ProgressFn,
+    clean_json,
+    mean,
+    prepare_run_dir,
+    resolve_device,
+    std,
+    torch_threads,
+    write_manifest,
+)
 from .hypotheses import judge, welch_t
 from .lines import CONCEPTS, LinesData, make_lines, save_png_samples
 
@@ -100,6 +109,7 @@ class MonopolyConfig(BaseModel):
     checkpoint_every_epoch: bool = False
     plots: bool = True
     device: str = "cpu"
+    threads: int = Field(1, ge=0, description="CPU threads for torch during the run (0 = torch's default)")
     overwrite: bool = False
 
     @field_validator("device")
@@ -250,6 +260,31 @@ def train_phase(
         ``(history_rows, neuron_rows, final_metrics)``: one history row per epoch (0 = before training), one
         neuron row per (epoch, neuron), and :func:`neuron_metrics` of the final state.
     """
+    with torch_threads(config.threads):
+        return _train_phase(
+            model,
+            train,
+            test,
+            phase=phase,
+            seed=seed,
+            config=config,
+            step=step,
+            checkpoint_dir=checkpoint_dir,
+        )
+
+
+def _train_phase(
+    model: LineMLP,
+    train: LinesData,
+    test: LinesData,
+    *,
+    phase: int,
+    seed: int,
+    config: MonopolyConfig,
+    step: Callable[[], None] | None = None,
+    checkpoint_dir: Path | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """The body of :func:`train_phase`."""
     task = PHASE_TASKS[phase]
     epochs = config.epochs_phase1 if phase == 1 else config.epochs_phase2
     x_train, y_train = train.flat(), train.labels(task)
@@ -448,9 +483,14 @@ def run_monopoly(config: MonopolyConfig | None = None, progress: ProgressFn | No
     Returns:
         The summary dict (also written to ``summary.json``).
     """
+    config = config or MonopolyConfig()
+    with torch_threads(config.threads):
+        return _run_monopoly(config, progress)
+
+
+def _run_monopoly(config: MonopolyConfig, progress: ProgressFn | None) -> dict[str, Any]:
     import pandas as pd
 
-    config = config or MonopolyConfig()
     if config.thickness[1] >= config.length[0]:
         raise ConfigError("thickness max must be below length min, or orientation is ambiguous")
     t0 = time.time()
