@@ -137,7 +137,15 @@ def test_dimensionality_check_counts_fractions():
         {
             "sparsity": [0.9] * 6 + [0.0],
             "norm": [1.0, 1.0, 1.0, 1.0, 0.1, 1.0, 1.0],
-            "dimensionality": [0.5, 0.41, 0.999, 0.6, 0.4, 0.376, 1.0],
+            "dimensionality": [
+                0.5,
+                0.41,
+                0.999,
+                0.6,
+                0.4,
+                0.376,
+                1.0,
+            ],  # 0.41: 2/5 (window narrowed to 0.0125)
         }
     )
     check = check_dimensionality(df, TMSConfig(dim_tolerance=0.02))
@@ -146,7 +154,13 @@ def test_dimensionality_check_counts_fractions():
     assert check["counts_near_fraction"] == {"1": 1, "3/4": 0, "2/3": 0, "1/2": 1, "2/5": 1, "3/8": 1}
     assert check["share_near_fraction"] == pytest.approx(4 / 5)
     assert check["other_values"] == [0.6]
-    assert 0.1 < check["share_expected_if_uniform_0.2_1"] < 0.4
+    # windows: ±0.02 for 1 (clipped at 1), 3/4, 2/3, 1/2; ±0.0125 for 2/5 and 3/8 -> (0.02 + 3 * 0.04 + 2 * 0.025) / 0.8
+    assert check["share_expected_if_uniform_0.2_1"] == pytest.approx(0.19 / 0.8)
+    assert check["windows"]["2/5"] == pytest.approx(0.0125) and check["windows"]["1/2"] == pytest.approx(0.02)
+    # values are claimed by the nearest fraction only: 0.388 and 0.39 are 2/5, 0.386 is 3/8
+    df2 = pd.DataFrame({"sparsity": [0.9] * 3, "norm": [1.0] * 3, "dimensionality": [0.388, 0.39, 0.386]})
+    counts = check_dimensionality(df2, TMSConfig())["counts_near_fraction"]
+    assert (counts["2/5"], counts["3/8"]) == (2, 1)
 
 
 def test_presets_and_config_errors(tmp_path):

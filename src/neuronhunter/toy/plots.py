@@ -278,13 +278,14 @@ def plot_norm_interference(features: Any, path: str | Path, replicate: int = 0) 
     sparsities = sorted(df.sparsity.unique())
     n = int(df.feature.max()) + 1
     fig = _figure(1.7 * len(sparsities) + 1.2, max(2.5, 0.22 * n + 1.2))
-    norm = Normalize(0, 1)
+    norm = Normalize(0, max(1.0, float(df.interference.max())))
     axes = []
     for k, s in enumerate(sparsities):
         ax = fig.add_subplot(1, len(sparsities), k + 1)
         part = df[df.sparsity == s].sort_values("feature")
-        ax.barh(part.feature, part.norm, color=cm.plasma(norm(part.interference.clip(0, 1).to_numpy())))
+        ax.barh(part.feature, part.norm, color=cm.plasma(norm(part.interference.to_numpy())))
         ax.set_ylim(n - 0.5, -0.5)
+        ax.set_yticks(range(0, n, 1 if n <= 10 else 2))
         ax.set_xlim(0, max(1.2, float(df.norm.max()) * 1.05))
         ax.set_title(f"S = {s:g}", fontsize=8)
         ax.set_xlabel("‖W_i‖", fontsize=8)
