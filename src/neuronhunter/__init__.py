@@ -32,6 +32,14 @@ _EXPORTS: dict[str, str] = {
     "ConceptLabeller": "neuronhunter.data.concepts",
     "LayerStats": "neuronhunter.stats.layer",
     "NeuronHunterError": "neuronhunter.errors",
+    # the hunt
+    "HuntConfig": "neuronhunter.hunt",
+    "run_hunt": "neuronhunter.hunt",
+    "rescore_run": "neuronhunter.hunt",
+    "VerdictThresholds": "neuronhunter.analysis.selectivity",
+    "interpret_run": "neuronhunter.analysis.interpret",
+    "compare_runs": "neuronhunter.analysis.interpret",
+    "query": "neuronhunter.analysis.interpret",
     # verify and explain
     "ablation_effect": "neuronhunter.analysis.interventions",
     "neuron_ablation": "neuronhunter.analysis.interventions",

@@ -293,7 +293,7 @@ def run_hunt(
     if write:
         check_out(cfg.out, overwrite=overwrite, resume=resume)  # fail before loading the model
     scan = run_scan(cfg, model=model, labeller=labeller, progress=progress, overwrite=overwrite, resume=resume,
-                    write=write)
+                    write=write, write_manifest=False)
     features = features_from_state(scan.state, scan.categories)
     scores = score_neurons(features, labeller.control, cfg.thresholds, labeller.cooccurrence)
     if write:  # the scan just wrote its tables: reading them back is cheaper than rebuilding them

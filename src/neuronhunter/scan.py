@@ -250,6 +250,7 @@ def run_scan(
     overwrite: bool = False,
     resume: bool = False,
     write: bool = True,
+    write_manifest: bool = True,
 ) -> ScanResult:
     """Scan with ``cfg`` and write the run folder ``cfg.out``.
 
@@ -260,6 +261,8 @@ def run_scan(
         overwrite: replace a complete run in ``cfg.out``.
         resume: continue from ``cfg.out``'s checkpoint when its config matches.
         write: write the run folder (False: just return the result).
+        write_manifest: write ``manifest.json`` (which marks the run complete); callers that add files to the
+            run folder afterwards (the hunt) pass False and write the manifest themselves, last.
     """
     from .models.loading import load_model
     from .results import ScanResult
@@ -301,5 +304,6 @@ def run_scan(
         if ckpt.exists():
             os.remove(ckpt)
         timings["write_s"] = time.perf_counter() - t2
-        result.write_manifest(out)
+        if write_manifest:
+            result.write_manifest(out)
     return result

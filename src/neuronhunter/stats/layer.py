@@ -64,8 +64,9 @@ class LayerStats:
         body = acts[:, start:]  # [b, t', d] view
         full = bool((lengths == body.shape[1]).all())
         if full:
-            # the common case (only position 0 excluded, no padding): reduce the strided view, no copy
-            x, n_excluded = body, 0
+            # the common case (only position 0 excluded, no padding): one contiguous copy of the counted rows
+            # (reductions over the strided view are ~20x slower than over contiguous memory)
+            x, n_excluded = body.contiguous().view(-1, d), 0
         else:
             # zero the excluded rows in a copy: exact sums without subtracting (possibly huge) BOS values
             x = acts.reshape(b * t, d).clone()
