@@ -120,6 +120,7 @@ def corpus(tmp_path_factory):
 def test_pipeline_writes_everything_and_beats_the_mean(corpus, tmp_path):
     hm = planted()
     before = {k: v.clone() for k, v in hm.model.state_dict().items()}
+    flags = [p.requires_grad for p in hm.model.parameters()]
     summary = run_selfreport(config(corpus, tmp_path), model=hm)
     run = tmp_path / "run"
     for name in ("config.json", "selection.json", "candidates.csv", "metrics.json", "manifest.json"):
@@ -144,7 +145,7 @@ def test_pipeline_writes_everything_and_beats_the_mean(corpus, tmp_path):
     # the model is restored after training
     after = hm.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(p.requires_grad for p in hm.model.parameters())
+    assert [p.requires_grad for p in hm.model.parameters()] == flags
     assert not list(run.rglob(".*.tmp"))
 
 
@@ -181,3 +182,16 @@ def test_stop_after_dataset_then_resume(corpus, tmp_path):
     test = summary["targets"][0]["test"]
     assert test["predictor"]["accuracy"] > 0.95
     assert test["probe"]["accuracy"] is not None
+
+
+def test_token_head_pipeline_reports_free_answers(corpus, tmp_path):
+    cfg = config(corpus, tmp_path, predictor={"head": "token", "n_classes": 2, "binning": "uniform", "prompt": ""},
+                 dataset={"balance": True, "balance_quantile": 0.7},
+                 training={"batch_size": 8, "body_lr": 5e-2, "max_steps": 6},
+                 evaluation={"plots": False})
+    summary = run_selfreport(cfg, model=planted())
+    report = summary["targets"][0]
+    assert report["predictor"]["head"] == "token" and report["predictor"]["head_parameters"] == 0
+    assert 0.0 <= report["token_head"]["answered_a_digit"] <= 1.0
+    assert report["dataset"]["balanced_train_tokens"] < report["dataset"]["counts"]["train"]["tokens"]
+    assert report["test"]["probe"]["accuracy"] is not None

@@ -222,7 +222,7 @@ class EvaluationConfig(_Section):
     """Held-out evaluation: baselines, drift of the target neuron, plots."""
 
     probe: bool = True
-    probe_alphas: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1000.0, 10000.0])
+    probe_alphas: list[float] = Field(default_factory=lambda: [1.0, 10.0, 100.0, 1e3, 1e4, 1e5])
     drift: bool = True
     plots: bool = True
     trace_windows: int = Field(4, ge=0, le=32)

@@ -51,7 +51,7 @@ def regression_metrics(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
     sst = float(((y - y.mean()) ** 2).sum())
     if sst > 0:
         out["r2"] = 1.0 - float(((y - s) ** 2).sum()) / sst
-    if y.size > 1 and np.std(s) > 0 and np.std(y) > 0:
+    if y.size > 1 and np.ptp(s) > 0 and np.ptp(y) > 0:
         out["pearson"] = float(np.corrcoef(y, s)[0, 1])
         from scipy.stats import spearmanr
 

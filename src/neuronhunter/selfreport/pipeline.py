@@ -130,6 +130,7 @@ def run_target(config: SelfReportConfig, hooked: HookedModel, ds: ActivationData
     pcfg, ecfg = config.predictor, config.evaluation
     train_y = train.target[train.selected].numpy().astype(np.float64)
     codec = TargetCodec.fit(train_y, pcfg.n_classes, pcfg.binning)
+    grad_flags = {name: p.requires_grad for name, p in hooked.model.named_parameters()}
     predictor = ActivationPredictor(hooked, ds.neuron, pcfg, codec, seed=config.seed)
     from .trainer import PredictorTrainer
 
@@ -191,8 +192,8 @@ def run_target(config: SelfReportConfig, hooked: HookedModel, ds: ActivationData
         with torch.no_grad():
             for k, v in snapshot.items():
                 trainer.params[k].copy_(v)
-        predictor.set_unfrozen(0)
-        hooked.model.requires_grad_(False)
+        for name, p in hooked.model.named_parameters():
+            p.requires_grad_(grad_flags[name])
     write_table(frame, out / "predictions", formats=("parquet",))
     report = {
         "neuron": str(ds.neuron), "layer": ds.neuron.layer, "index": ds.neuron.neuron, "site": ds.meta["site"],
