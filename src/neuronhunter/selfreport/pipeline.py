@@ -149,7 +149,8 @@ def run_target(config: SelfReportConfig, hooked: HookedModel, ds: ActivationData
         result = trainer.train(resume=resume)
         timings["train_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        preds, test_loss = predictor.predict(test, batch_size=ecfg.batch_size)
+        report = (lambda done, total: progress("testing", done, total)) if progress else None  # noqa: E731
+        preds, test_loss = predictor.predict(test, batch_size=ecfg.batch_size, progress=report)
         test_y = test.target[test.selected].numpy().astype(np.float64)
         frame = _predictions_frame(ds, test)
         frame["pred"] = preds.score

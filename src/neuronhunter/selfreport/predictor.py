@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,9 +370,12 @@ class ActivationPredictor:
         return next(self.head.parameters()).dtype
 
     @torch.no_grad()
-    def predict(self, split: SplitTensors, *, batch_size: int = 16,
-                prefix: Prefix | None = None) -> tuple[Predictions, float]:
-        """Predictions for every selected position of ``split`` and the mean loss over them."""
+    def predict(self, split: SplitTensors, *, batch_size: int = 16, prefix: Prefix | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[Predictions, float]:
+        """Predictions for every selected position of ``split`` and the mean loss over them.
+
+        ``progress(done, total)`` is called after each batch of items.
+        """
         scores, classes, probs, free = [], [], [], []
         values = torch.tensor(self.codec.class_values, dtype=torch.float32)
         lookup = {int(t): c for c, t in enumerate(self.answer_ids.tolist())} if self.kind == "token" else {}
@@ -383,6 +386,8 @@ class ActivationPredictor:
             out, y = self._outputs(split, items, prefix)
             total += float(self._loss(out, y))
             count += int(y.numel())
+            if progress is not None:
+                progress(int(items[-1]) + 1, n)
             out = out.float().cpu()
             if self.kind == "regression":
                 s = out[:, 0] * self.codec.std + self.codec.mean

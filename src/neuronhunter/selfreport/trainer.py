@@ -274,7 +274,11 @@ class PredictorTrainer:
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, prefix: Prefix | None = None) -> tuple[float, float]:
         """Mean validation loss and the Pearson correlation of the predictions with the targets."""
-        preds, loss = self.p.predict(self.val_split, batch_size=self.eval_batch_size, prefix=prefix)
+        report = None
+        if self.progress is not None:
+            report = lambda done, total: self.progress("validating", done, total)  # noqa: E731
+        preds, loss = self.p.predict(self.val_split, batch_size=self.eval_batch_size, prefix=prefix,
+                                     progress=report)
         y = self.val_split.target[self.val_split.selected]
         return loss, _pearson(torch.from_numpy(preds.score).float(), y)
 
@@ -307,6 +311,7 @@ class PredictorTrainer:
         logger = MetricsLogger(self.out / "logs" if self.out else None, cfg, run_name=self.run_name,
                                rows=state["rows"], purge_step=state["step"] or None,
                                extra={"training": cfg.model_dump(mode="json"), **p.describe()})
+
         def run_eval(step: int, epoch: int) -> bool:
             """Evaluate, checkpoint; returns True when early stopping triggers."""
             nonlocal best
