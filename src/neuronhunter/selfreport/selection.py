@@ -63,8 +63,12 @@ def _row_dict(df: Any, n: NeuronRef) -> dict[str, Any]:
     rows = df[(df["layer"] == n.layer) & (df["neuron"] == n.neuron)]
     if rows.empty:
         return {}
-    return {k: (v.item() if hasattr(v, "item") else v) for k, v in rows.iloc[0].to_dict().items()
-            if k not in ("layer", "neuron")}
+    out = {}
+    for col in rows.columns:  # column by column, so integer columns stay integers
+        if col not in ("layer", "neuron"):
+            v = rows[col].iloc[0]
+            out[col] = v.item() if hasattr(v, "item") else v
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- scanning
