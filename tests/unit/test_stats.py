@@ -150,3 +150,14 @@ def test_merge_equals_single_pass(seed, split, include_first):
 def test_histogram_rejects_bad_range():
     with pytest.raises(ValueError):
         Histogram(3, lo=1.0, hi=1.0)
+
+
+def test_update_works_inside_and_outside_inference_mode():
+    """Work buffers made during an inference-mode scan must stay usable outside it (and vice versa)."""
+    acts = torch.randn(2, 4, 3)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    ls = LayerStats(0, 3, StatsSpec(n_positions=4))
+    with torch.inference_mode():
+        ls.update(acts, mask, torch.arange(2))
+    ls.update(acts.clone(), mask, torch.arange(2, 4))
+    assert ls.moments.count == 2 * 2 * 3

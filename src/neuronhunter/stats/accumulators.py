@@ -37,6 +37,24 @@ def _n_rows(t: Tensor) -> int:
     return t.numel() // t.shape[-1] if t.shape[-1] else 0
 
 
+_SCRATCH: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+
+
+def _scratch(like: Tensor, name: str, dtype: torch.dtype | None = None) -> Tensor:
+    """A reusable work buffer shaped like ``like`` (fresh multi-MB allocations on every batch cost page faults).
+
+    Buffers are shared by all layers (updates run one after another) and must not escape the call using them.
+    """
+    key = (name, tuple(like.shape), dtype or like.dtype, like.device)
+    buf = _SCRATCH.get(key)
+    if buf is None:
+        if len(_SCRATCH) > 64:  # shapes change (last batch, other scans): keep the cache small
+            _SCRATCH.clear()
+        with torch.inference_mode(False):  # a normal tensor works both inside and outside inference mode
+            buf = _SCRATCH[key] = torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
+    return buf
+
+
 class Moments:
     """Count, power sums (for mean, std, skewness, kurtosis), min, max, and the count above a threshold."""
 
@@ -76,15 +94,19 @@ class Moments:
         self.count += n
         self.s1 += x.sum(dims).to(F64).cpu()
         self.s2 += x2.sum(dims).to(F64).cpu()
-        self.s3 += (x2 * x).sum(dims).to(F64).cpu()
-        self.s4 += (x2 * x2).sum(dims).to(F64).cpu()
+        self.s3 += torch.mul(x2, x, out=_scratch(x, "pow")).sum(dims).to(F64).cpu()
+        self.s4 += torch.mul(x2, x2, out=_scratch(x, "pow")).sum(dims).to(F64).cpu()
         if minmax is None:
             if zero_rows:
                 raise ValueError("minmax is required with zero_rows")
             minmax = (x.amin(dims), x.amax(dims))
         torch.minimum(self.min, minmax[0].float().cpu(), out=self.min)
         torch.maximum(self.max, minmax[1].float().cpu(), out=self.max)
-        active = (x > self.threshold).sum(dims, dtype=torch.int32).cpu()
+        # count x > threshold as the sum of clamp(sign(x - threshold), 0): ~3x faster than summing a bool mask;
+        # float sums of 0/1 are exact below 2**24 rows per batch
+        shifted = x - self.threshold if self.threshold else x
+        step = torch.sign(shifted, out=_scratch(x, "sign")).clamp_(min=0)
+        active = step.sum(dims).round_().to(torch.int64).cpu()
         if zero_rows and 0.0 > self.threshold:
             active -= zero_rows
         self.active += active
@@ -155,7 +177,7 @@ class Histogram:
             self._offsets = torch.arange(self.d, device=x.device, dtype=torch.float32) * nb
         # bin 0 = underflow, 1..n_bins = regular, n_bins+1 = overflow. Shifted by one bin, values are >= 0 after
         # the clamp, so truncation to int is the floor; the neuron offset is added in float (exact below 2**24).
-        t = x * scale
+        t = torch.mul(x, scale, out=_scratch(x, "hist"))
         t.add_(1.0 - self.lo * scale).clamp_(0.0, nb - 0.5)
         if self.d * nb < 2**24:
             idx = t.add_(self._offsets).to(torch.int32).reshape(-1)
@@ -323,12 +345,12 @@ class PositionStats:
         self.first_active = torch.zeros(d, dtype=torch.long)
 
     def update(self, acts: Tensor, mask: Tensor) -> None:
-        """``acts: [batch, pos, d]``, ``mask: [batch, pos]`` (1 for real tokens)."""
+        """``acts: [batch, pos, d]``, ``mask: [batch, pos]`` (1 for real tokens, right padding)."""
         t = acts.shape[1]
-        if bool(mask.all()):
-            sums = acts.sum(0)
-        else:
-            sums = torch.einsum("bt,btd->td", mask.to(acts.dtype), acts)
+        sums = acts.sum(0)
+        lengths = mask.sum(1)
+        for i in torch.nonzero(lengths < t).view(-1).tolist():  # right padding: take the padded tail back out
+            sums[int(lengths[i]):] -= acts[i, int(lengths[i]):]
         self.sum[:t] += sums.to(F64).cpu()
         self.count[:t] += mask.sum(0).long().cpu()
         first = acts[:, 0][mask[:, 0].bool()]

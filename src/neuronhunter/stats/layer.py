@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .accumulators import ConceptStats, Histogram, Moments, PositionStats, TopK
+from .accumulators import ConceptStats, Histogram, Moments, PositionStats, TopK, _scratch
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,19 @@ class StatsSpec:
     n_positions: int = 128
     include_first: bool = False
     categories: tuple[str, ...] = ()
+
+
+def first_argmax(vals: Tensor, vmax: Tensor) -> Tensor:
+    """Index of the first position along dim 1 where ``vals [b, t, d]`` equals ``vmax [b, d]`` (its max).
+
+    Same result as ``vals.argmax(1)`` for the first maximum, but ~10x faster on CPU: PyTorch's arg-max along a
+    non-last dim is slow, while equality, a multiply and ``amax`` are fast.
+    """
+    t = vals.shape[1]
+    hit = torch.eq(vals, vmax.unsqueeze(1), out=_scratch(vals, "hit", torch.bool))
+    weights = torch.arange(t, 0, -1, dtype=vals.dtype, device=vals.device).view(1, t, 1)  # t .. 1
+    score = torch.mul(hit, weights, out=_scratch(vals, "score")).amax(1)  # t - first index (0 if no hit)
+    return (t - score).clamp_(0, t - 1).to(torch.long)
 
 
 class LayerStats:
@@ -66,13 +79,15 @@ class LayerStats:
         if full:
             # the common case (only position 0 excluded, no padding): one contiguous copy of the counted rows
             # (reductions over the strided view are ~20x slower than over contiguous memory)
-            x, n_excluded = body.contiguous().view(-1, d), 0
+            x = _scratch(body, "rows").copy_(body).view(-1, d)
+            n_excluded = 0
         else:
             # zero the excluded rows in a copy: exact sums without subtracting (possibly huge) BOS values
-            x = acts.reshape(b * t, d).clone()
-            x[~keep_flat] = 0
+            flat = acts.reshape(b * t, d)
+            x = _scratch(flat, "rows").copy_(flat)
+            x.index_fill_(0, torch.nonzero(~keep_flat).view(-1), 0.0)
             n_excluded = b * t - int(lengths.sum())
-        x2 = x * x
+        x2 = torch.mul(x, x, out=_scratch(x, "x2"))
 
         # per-window max and min over the counted positions: feeds min/max and the top-k
         wmax, wmin = body.amax(1), body.amin(1)  # [b, d]
@@ -95,11 +110,11 @@ class LayerStats:
                 self.concepts.update(x, lab, x2, keep=keep_flat)
 
         def locate(rows: Tensor, neurons: Tensor) -> Tensor:
-            rows, neurons = rows.to(acts.device), neurons.to(acts.device)
-            vals = body[rows, :, neurons]  # [m, t']
-            pos_idx = torch.arange(body.shape[1], device=acts.device)
-            vals = vals.masked_fill(pos_idx.unsqueeze(0) >= lengths.to(acts.device)[rows].unsqueeze(1), float("-inf"))
-            return vals.argmax(1) + start
+            """Positions of the maxima of the (window, neuron) pairs that enter the top-k."""
+            # right padding: a window's maximum is reached at a counted position before any padding, so the
+            # first position equal to it is the right one even without masking the padding
+            pos = first_argmax(x.view(b, -1, d) if full else body, wmax)
+            return pos[rows.to(acts.device), neurons.to(acts.device)] + start
 
         self.topk.update(wmax, locate, window_ids)
 
