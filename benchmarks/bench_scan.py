@@ -62,8 +62,11 @@ def main() -> None:
     p.add_argument("--concepts", action="store_true", help="also accumulate concept statistics (default lexicon)")
     p.add_argument("--memory-tokens", type=int, default=4096, help="tokens of the 1x memory run (4x is also run)")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--child-tokens", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child_tokens:
         child(args)
         return
@@ -117,6 +120,7 @@ def main() -> None:
         rows = []
         for mult in (1, 4):
             cmd = [sys.executable, __file__, "--child-tokens", str(args.memory_tokens * mult), "--model", args.model,
+                   *(["--threads", str(args.threads)] if args.threads else []),
                    "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
                    "--context-length", str(args.context_length)] + (["--concepts"] if args.concepts else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]

@@ -37,22 +37,23 @@ def _n_rows(t: Tensor) -> int:
     return t.numel() // t.shape[-1] if t.shape[-1] else 0
 
 
-_SCRATCH: dict[tuple[str, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+_SCRATCH: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
 
 
 def _scratch(like: Tensor, name: str, dtype: torch.dtype | None = None) -> Tensor:
     """A reusable work buffer shaped like ``like`` (fresh multi-MB allocations on every batch cost page faults).
 
+    One flat buffer per name, grown when a larger shape is asked for, so memory stays constant over a scan.
     Buffers are shared by all layers (updates run one after another) and must not escape the call using them.
     """
-    key = (name, tuple(like.shape), dtype or like.dtype, like.device)
+    dtype = dtype or like.dtype
+    key = (name, dtype, like.device)
+    numel = like.numel()
     buf = _SCRATCH.get(key)
-    if buf is None:
-        if len(_SCRATCH) > 64:  # shapes change (last batch, other scans): keep the cache small
-            _SCRATCH.clear()
+    if buf is None or buf.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor works both inside and outside inference mode
-            buf = _SCRATCH[key] = torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
-    return buf
+            buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=like.device)
+    return buf[:numel].view(like.shape)
 
 
 class Moments:
