@@ -52,6 +52,14 @@ _EXPORTS: dict[str, str] = {
     "verify_run": "neuronhunter.analysis.verification",
     "direct_logit_weights": "neuronhunter.analysis.attribution",
     "crs": "neuronhunter.analysis.metrics",
+    # self-report
+    "SelfReportConfig": "neuronhunter.selfreport",
+    "run_selfreport": "neuronhunter.selfreport",
+    # superposition lab
+    "MonopolyConfig": "neuronhunter.toy",
+    "run_monopoly": "neuronhunter.toy",
+    "TMSConfig": "neuronhunter.toy",
+    "run_tms": "neuronhunter.toy",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
