@@ -51,3 +51,17 @@ def embedded():
     from neuronhunter.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """One intra-op torch thread for a module's duration, restored afterwards.
+
+    Many small ops dominate these tests; on a shared 2-core machine two threads were several times slower.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

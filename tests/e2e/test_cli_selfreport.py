@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from neuronhunter.cli.main import main
@@ -16,11 +15,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """One intra-op torch thread for this module (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from neuronhunter.cli.main import main
 
@@ -17,11 +16,8 @@ WORDS = ("The red cat sat near the blue door on Monday. A dog ran to the green t
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """One intra-op torch thread for this module (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

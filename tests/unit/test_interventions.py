@@ -40,12 +40,8 @@ class WordLabeller:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (and much faster on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """One intra-op torch thread for this module (see tests/conftest.py)."""
 
 
 LABELLER = WordLabeller({"animal": {"cat", "dog", "fox", "bird"}, "color": {"red", "blue", "green"}})

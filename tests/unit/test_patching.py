@@ -15,11 +15,8 @@ CLEAN, CORRUPTED = "The cat sat on the mat", "The dog sat on the mat"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """One intra-op torch thread for this module (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

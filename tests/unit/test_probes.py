@@ -22,14 +22,8 @@ PLANTED_NEURON = (0, 5)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    from threadpoolctl import threadpool_limits
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """One intra-op torch thread for this module (see tests/conftest.py)."""
 
 
 class WordLabeller:

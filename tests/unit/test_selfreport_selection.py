@@ -24,11 +24,8 @@ from neuronhunter.selfreport import (
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread_module):
+    """One intra-op torch thread for this module (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from rich.progress import (
 
 from ..errors import ConfigError
 
+
 def _console(stderr: bool = False) -> Console:
     """A rich console; when output is not a terminal (pipes, CI logs) use a wide fixed width, not 80 columns."""
     probe = Console(stderr=stderr)
