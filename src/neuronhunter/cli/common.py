@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -94,3 +95,18 @@ class LazyProgress:
     def __exit__(self, *exc: object) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+# Options shared by the commands that scan (scan, hunt): one definition, one help text.
+LayersOpt = Annotated[str | None, typer.Option(help="Layers to scan, e.g. '0,5,10-12' [default: all]")]
+NeuronsPerLayerOpt = Annotated[int | None, typer.Option(help="Scan only the first N neurons of each layer")]
+TopKOpt = Annotated[int | None, typer.Option(help="Top activating windows per neuron [default: 20]")]
+ContextLengthOpt = Annotated[int | None, typer.Option(help="Tokens per window incl. BOS [default: 128]")]
+BatchSizeOpt = Annotated[int | None, typer.Option(help="Windows per batch [default: 8]")]
+MaxTokensOpt = Annotated[int | None, typer.Option(help="Stop after this many corpus tokens")]
+ThresholdOpt = Annotated[float | None, typer.Option(help="Active when activation > threshold [default: 0]")]
+BosOpt = Annotated[bool | None, typer.Option("--bos/--no-bos", help="Prepend the model's BOS token [default: yes]")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto [default: cpu]")]
+DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 [default: float32]")]
+FormatsOpt = Annotated[str | None, typer.Option(help="Table formats, e.g. 'parquet,csv' [default: parquet,csv,json]")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a complete run in --out")]

@@ -8,7 +8,23 @@ from typing import Any
 import typer
 
 from ..errors import ConfigError
-from .common import console, parse_int_list, progress_bar
+from .common import (
+    BatchSizeOpt,
+    BosOpt,
+    ContextLengthOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatsOpt,
+    LayersOpt,
+    LazyProgress,
+    MaxTokensOpt,
+    NeuronsPerLayerOpt,
+    OverwriteOpt,
+    ThresholdOpt,
+    TopKOpt,
+    console,
+    parse_int_list,
+)
 
 
 def short_example(context: str, width: int = 48) -> str:
@@ -107,26 +123,26 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
                                    "'default', hf:NAME) [default: master, the bundled master text]"),
         out: str = typer.Option(None, "--out", "-o", help="Run folder [default: runs/hunt]"),
         concepts: str = typer.Option(None, help="Lexicon file (YAML/JSON) [default: the bundled lexicon]"),
-        layers: str = typer.Option(None, help="Layers to scan, e.g. '0,5,10-12' [default: all]"),
-        neurons_per_layer: int = typer.Option(None, help="Scan only the first N neurons of each layer"),
-        top_k: int = typer.Option(None, help="Top activating windows per neuron [default: 20]"),
-        context_length: int = typer.Option(None, help="Tokens per window incl. BOS [default: 128]"),
-        batch_size: int = typer.Option(None, help="Windows per batch [default: 8]"),
-        max_tokens: int = typer.Option(None, help="Stop after this many corpus tokens"),
-        threshold: float = typer.Option(None, help="Active when activation > threshold [default: 0]"),
+        layers: LayersOpt = None,
+        neurons_per_layer: NeuronsPerLayerOpt = None,
+        top_k: TopKOpt = None,
+        context_length: ContextLengthOpt = None,
+        batch_size: BatchSizeOpt = None,
+        max_tokens: MaxTokensOpt = None,
+        threshold: ThresholdOpt = None,
         last_token_only: bool = typer.Option(None, "--last-token-only/--all-tokens",
                                              help="Label only the last token of a multi-token word [default: all]"),
         case_sensitive: bool = typer.Option(None, "--case-sensitive/--ignore-case", help="[default: ignore case]"),
-        bos: bool = typer.Option(None, "--bos/--no-bos", help="Prepend the model's BOS token [default: yes]"),
-        device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto [default: cpu]"),
-        dtype: str = typer.Option(None, help="float32, bfloat16 or float16 [default: float32]"),
-        formats: str = typer.Option(None, help="Table formats, e.g. 'parquet,csv' [default: parquet,csv,json]"),
+        bos: BosOpt = None,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
+        formats: FormatsOpt = None,
         top: int = typer.Option(None, help="Top neurons per category and kind kept in top_neurons [default: 3]"),
         config: Path = typer.Option(None, "--config", help="YAML/JSON hunt config: any of these options, "
                                     "'categories' (inline lexicon) and 'thresholds' (verdict rule)"),
         rescore: str = typer.Option(None, "--rescore", help="Re-verdict this finished run from its stored "
                                     "statistics (no model run); thresholds from --config"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in --out"),
+        overwrite: OverwriteOpt = False,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted hunt from its checkpoint"),
     ) -> None:
         """Scan with concept labels and give every neuron a verdict (monosemantic, polysemantic, positional,
@@ -150,13 +166,8 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
             dtype=dtype, formats=formats.split(",") if formats else None, top_per_category=top,
         )
         check_out(cfg.out, overwrite=overwrite, resume=resume)
-        with progress_bar(transient=True) as progress:
-            task = progress.add_task("hunting (scan)", total=None)
-
-            def update(done: int, total: int | None) -> None:
-                progress.update(task, completed=done, total=total)
-
-            result = run_hunt(cfg, progress=update, overwrite=overwrite, resume=resume)
+        with LazyProgress("hunting (scan)") as progress:
+            result = run_hunt(cfg, progress=progress, overwrite=overwrite, resume=resume)
         print_hunt_summary(result)
         console.print(f"Wrote [bold]{cfg.out}[/] (neurons with verdicts, concepts, top_neurons, examples, hunt.json)")
 

@@ -7,7 +7,23 @@ from pathlib import Path
 import typer
 
 from ..config import ScanConfig, load_config
-from .common import LazyProgress, console, parse_int_list
+from .common import (
+    BatchSizeOpt,
+    BosOpt,
+    ContextLengthOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatsOpt,
+    LayersOpt,
+    LazyProgress,
+    MaxTokensOpt,
+    NeuronsPerLayerOpt,
+    OverwriteOpt,
+    ThresholdOpt,
+    TopKOpt,
+    console,
+    parse_int_list,
+)
 
 
 def scan_options_to_config(config: Path | None, /, config_cls: type[ScanConfig] = ScanConfig,
@@ -65,23 +81,23 @@ def register(app: typer.Typer) -> None:
         corpus: str = typer.Option(None, "--corpus", "-c", help="Text file, folder of .txt, .jsonl, .parquet, "
                                    "'master' or hf:NAME[:CONFIG][:SPLIT] [default: bundled corpus]"),
         out: str = typer.Option(None, "--out", "-o", help="Run folder [default: runs/scan]"),
-        layers: str = typer.Option(None, help="Layers to scan, e.g. '0,5,10-12' [default: all]"),
-        neurons_per_layer: int = typer.Option(None, help="Scan only the first N neurons of each layer"),
-        top_k: int = typer.Option(None, help="Top activating windows per neuron [default: 20]"),
-        context_length: int = typer.Option(None, help="Tokens per window incl. BOS [default: 128]"),
-        batch_size: int = typer.Option(None, help="Windows per batch [default: 8]"),
-        max_tokens: int = typer.Option(None, help="Stop after this many corpus tokens"),
+        layers: LayersOpt = None,
+        neurons_per_layer: NeuronsPerLayerOpt = None,
+        top_k: TopKOpt = None,
+        context_length: ContextLengthOpt = None,
+        batch_size: BatchSizeOpt = None,
+        max_tokens: MaxTokensOpt = None,
         concepts: str = typer.Option(None, help="Concept lexicon (YAML/JSON) for per-category statistics"),
-        threshold: float = typer.Option(None, help="Active when activation > threshold [default: 0]"),
-        bos: bool = typer.Option(None, "--bos/--no-bos", help="Prepend the model's BOS token [default: yes]"),
+        threshold: ThresholdOpt = None,
+        bos: BosOpt = None,
         include_first: bool = typer.Option(None, "--include-first/--exclude-first",
                                            help="Count position 0 in statistics and top-k [default: exclude]"),
-        device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto [default: cpu]"),
-        dtype: str = typer.Option(None, help="float32, bfloat16 or float16 [default: float32]"),
-        formats: str = typer.Option(None, help="Table formats, e.g. 'parquet,csv' [default: parquet,csv,json]"),
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
+        formats: FormatsOpt = None,
         seed: int = typer.Option(None, help="Random seed [default: 0]"),
         config: Path = typer.Option(None, "--config", help="YAML/JSON file with any of these options"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in --out"),
+        overwrite: OverwriteOpt = False,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan from its checkpoint"),
     ) -> None:
         """Scan every MLP neuron of every layer in one streaming pass and write neurons/examples tables."""
