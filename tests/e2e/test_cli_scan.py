@@ -80,3 +80,17 @@ def test_bad_input_is_one_clear_line(tiny_folder, text_file, tmp_path, capsys, m
     assert message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "bad" / "manifest.json").exists()
+
+
+def test_interrupt_is_one_line_and_exit_130(tiny_folder, text_file, tmp_path, capsys, monkeypatch):
+    import neuronhunter.scan as scan_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scan_module, "run_scan", interrupted)
+    code = main(["scan", "--model", str(tiny_folder), "--corpus", str(text_file), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip()
+    assert code == 130
+    assert err.startswith("error: interrupted") and "--resume" in err and len(err.splitlines()) == 1
+    assert main(["--help"]) == 0

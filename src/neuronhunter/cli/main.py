@@ -43,17 +43,27 @@ def _root(
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _interrupted() -> int:
+    typer.echo("error: interrupted; no run folder was left looking complete "
+               "(an interrupted scan or hunt continues with --resume)", err=True)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one clean line on stderr."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv, standalone_mode=False)
+        # without standalone mode typer returns exit codes instead of exiting (Ctrl-C becomes 130)
+        rv = app(args=argv, standalone_mode=False)
+        if rv == 130:
+            return _interrupted()
+        if isinstance(rv, int):
+            return rv
     except NeuronHunterError as exc:
         typer.echo(f"error: {exc}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        typer.echo("error: interrupted; nothing half-written was left behind", err=True)
-        return 130
+        return _interrupted()
     except (typer.Exit, SystemExit) as exc:  # --help, explicit exits
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         return int(code or 0)
@@ -63,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.ClickException):
             exc.show()
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            typer.echo("error: aborted", err=True)
-            return 1
+        if isinstance(exc, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+            return _interrupted()
         if os.environ.get("NEURONHUNTER_DEBUG"):
             raise
         typer.echo(f"error: {type(exc).__name__}: {exc} (set NEURONHUNTER_DEBUG=1 for a traceback)", err=True)
