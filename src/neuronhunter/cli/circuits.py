@@ -121,6 +121,17 @@ def register(app: typer.Typer) -> None:
         s = resolve_run(run, model, corpus)
         return load(s["model"], device), s
 
+    def _probe_inputs(run: str | None, model: str | None, corpus: str | None, device: str, layers: str | None,
+                      **batch_options: Any) -> tuple[Any, list[int], list[Any], list[str]]:
+        """Model, layers, labelled batches and categories for the probe commands (split by document)."""
+        m, s = _probe_common(run, model, corpus, device)
+        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
+        batches, cats = _labelled_batches(m, s, **batch_options)
+        if len(set().union(*(b.doc_ids.tolist() for b in batches))) < 2:
+            raise ConfigError("probes are split by document: the corpus (within --max-tokens) needs at least two "
+                              "documents")
+        return m, layer_list, batches, cats
+
     @app.command("probe")
     def probe(
         run: str = typer.Option(None, "--run", "-r", help="Take model/corpus/lexicon from this run folder"),
@@ -150,13 +161,9 @@ def register(app: typer.Typer) -> None:
 
         if site not in SITES:
             raise ConfigError(f"probe site must be one of {', '.join(SITES)}, got {site!r}")
-        m, s = _probe_common(run, model, corpus, device)
-        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
-        batches, cats = _labelled_batches(m, s, labels=labels, concepts=concepts, max_tokens=max_tokens,
-                                          batch_size=batch_size, tokens_per_doc=tokens_per_doc or None)
-        if len(set().union(*(b.doc_ids.tolist() for b in batches))) < 2:
-            raise ConfigError("probes are split by document: the corpus (within --max-tokens) needs at least two "
-                              "documents")
+        m, layer_list, batches, cats = _probe_inputs(
+            run, model, corpus, device, layers, labels=labels, concepts=concepts, max_tokens=max_tokens,
+            batch_size=batch_size, tokens_per_doc=tokens_per_doc or None)
         with progress_bar() as progress:
             task = progress.add_task("capturing", total=len(batches))
             data = collect_features(m, batches, cats, layers=layer_list, site=site,
@@ -210,13 +217,9 @@ def register(app: typer.Typer) -> None:
         k_list = parse_int_list(ks, "--ks")
         if not k_list or min(k_list) < 1:
             raise ConfigError("--ks must be positive integers like '1,2,4,8'")
-        m, s = _probe_common(run, model, corpus, device)
-        layer_list = m.check_layers(parse_int_list(layers, "--layers") or range(m.n_layers))
-        batches, cats = _labelled_batches(m, s, labels=labels, concepts=concepts, max_tokens=max_tokens,
-                                          batch_size=batch_size, tokens_per_doc=tokens_per_doc or None)
-        if len(set().union(*(b.doc_ids.tolist() for b in batches))) < 2:
-            raise ConfigError("probes are split by document: the corpus (within --max-tokens) needs at least two "
-                              "documents")
+        m, layer_list, batches, cats = _probe_inputs(
+            run, model, corpus, device, layers, labels=labels, concepts=concepts, max_tokens=max_tokens,
+            batch_size=batch_size, tokens_per_doc=tokens_per_doc or None)
         with progress_bar() as progress:
             task = progress.add_task("capturing", total=len(batches))
             data = collect_features(m, batches, cats, layers=layer_list, site="mlp",
