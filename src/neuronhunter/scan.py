@@ -183,7 +183,7 @@ class Scanner:
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         prune_every = 16
         done_tokens = state.tokens
-        with torch.inference_mode(), model.hooks(fns, stop_at_layer=stop):
+        with torch.inference_mode(), model.hooks(fns):  # forward(stop_at_layer=...) ends the pass
             batches = iter_batches(self.windows(), batch_size=cfg.batch_size, pad_token_id=pad,
                                    has_bos=self.bos is not None,
                                    n_categories=len(self.categories) if self.labeller is not None else None)
