@@ -33,7 +33,7 @@ def child(args: argparse.Namespace) -> None:
     from neuronhunter.scan import run_scan
 
     cfg = ScanConfig(model=args.model, max_tokens=args.child_tokens, context_length=args.context_length,
-                     batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                     batch_size=args.batch_size, device=args.device, dtype=args.dtype, compile_stats=args.compile,
                      concepts="default" if args.concepts else None)
     before = peak_rss_mb()
     result = run_scan(cfg, write=False)
@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--concepts", action="store_true", help="also accumulate concept statistics (default lexicon)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the statistics eagerly instead of the torch.compile-fused reduction")
     p.add_argument("--memory-tokens", type=int, default=4096, help="tokens of the 1x memory run (4x is also run)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -75,11 +77,12 @@ def main() -> None:
     from neuronhunter.data.concepts import ConceptLabeller
     from neuronhunter.models import load_model
     from neuronhunter.scan import Scanner
+    from neuronhunter.stats.kernels import compile_enabled
 
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     labeller = ConceptLabeller() if args.concepts else None
     cfg = ScanConfig(model=args.model, context_length=args.context_length, batch_size=args.batch_size,
-                     max_tokens=args.tokens, device=args.device, dtype=args.dtype)
+                     max_tokens=args.tokens, device=args.device, dtype=args.dtype, compile_stats=args.compile)
     scanner = Scanner(model, cfg, labeller)
     batches = make_batches(model, args)
     n_tokens = sum(b.n_tokens for b in batches)
@@ -102,7 +105,7 @@ def main() -> None:
         sync()
         return time.perf_counter() - t
 
-    bare(), scan()  # warm-up
+    bare(), scan()  # warm-up (and the one-off compilation of the fused statistics)
     fwd, full = [], []
     for _ in range(args.rounds):
         fwd.append(n_tokens / bare())
@@ -110,7 +113,7 @@ def main() -> None:
     f, s = statistics.median(fwd), statistics.median(full)
     print(f"model: {args.model} ({model.adapter.family}), layers {min(scanner.layers)}..{max(scanner.layers)}, "
           f"{len(scanner.layers) * scanner.n_neurons:,} neurons, device {model.device}, dtype {args.dtype}, "
-          f"threads {torch.get_num_threads()}")
+          f"threads {torch.get_num_threads()}, statistics {'torch.compile' if compile_enabled(args.compile) else 'eager'}")
     print(f"tokens per round: {n_tokens:,} (BOS included) in {len(batches)} batches of {args.batch_size}x"
           f"{args.context_length}; {args.rounds} rounds, medians")
     print(f"bare forward through layer {stop - 1}: {f:,.0f} tok/s   (rounds: {', '.join(f'{x:.0f}' for x in fwd)})")
@@ -122,7 +125,8 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child-tokens", str(args.memory_tokens * mult), "--model", args.model,
                    *(["--threads", str(args.threads)] if args.threads else []),
                    "--device", args.device, "--dtype", args.dtype, "--batch-size", str(args.batch_size),
-                   "--context-length", str(args.context_length)] + (["--concepts"] if args.concepts else [])
+                   "--context-length", str(args.context_length)] + (["--concepts"] if args.concepts else []) \
+                + ([] if args.compile else ["--no-compile"])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             rows.append(json.loads(out))
         a, b = rows

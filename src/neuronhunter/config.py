@@ -45,6 +45,8 @@ class ScanConfig(StrictModel):
     case_sensitive: bool = Field(False)
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
     dtype: str = Field("float32", description="float32, bfloat16 or float16")
+    compile_stats: bool = Field(True, description="fuse the per-batch statistics with torch.compile (falls back "
+                                "to eager PyTorch where compiling is not possible)")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N batches (0 = never)")
     formats: list[str] = Field(["parquet", "csv", "json"], description="table formats to write")

@@ -133,7 +133,8 @@ class Scanner:
 
     def new_state(self) -> ScanState:
         spec = stats_spec(self.cfg, self.categories)
-        return ScanState({layer: LayerStats(layer, self.n_neurons, spec) for layer in self.layers})
+        return ScanState({layer: LayerStats(layer, self.n_neurons, spec, compile=self.cfg.compile_stats)
+                          for layer in self.layers})
 
     def windows(self) -> Any:
         return iter_windows(self.corpus, self.model.tokenizer, context_length=self.cfg.context_length,
@@ -163,6 +164,8 @@ class Scanner:
         """Stream the corpus through the model, updating ``state`` (a fresh one by default)."""
         cfg, model = self.cfg, self.model
         state = state or self.new_state()
+        for ls in state.layers.values():  # also for a state loaded from a checkpoint
+            ls.compile = cfg.compile_stats
         torch.manual_seed(cfg.seed)
         total = self.count_tokens() if progress is not None else None
         current: dict[str, Any] = {}
@@ -217,11 +220,14 @@ class Scanner:
             state.windows[w.window_id] = StoredWindow(w.doc_id, w.start, list(w.ids), w.source)
 
 
-def environment() -> dict[str, str]:
+def environment(compile_stats: bool = True) -> dict[str, str]:
     import transformers
 
+    from .stats.kernels import compile_enabled
+
     return {"neuronhunter": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "threads": str(torch.get_num_threads())}
+            "python": platform.python_version(), "platform": platform.platform(), "threads": str(torch.get_num_threads()),
+            "stats_kernel": "torch.compile" if compile_enabled(compile_stats) else "eager"}
 
 
 def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
@@ -280,7 +286,7 @@ def run_scan(
     timings["load_s"] = time.perf_counter() - t0
     scanner = Scanner(model, cfg, labeller)
     out = Path(cfg.out)
-    key = cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every"})
+    key = cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every", "compile_stats"})
     state = None
     ckpt = out / CHECKPOINT
     if write:
@@ -297,7 +303,7 @@ def run_scan(
     timings["tokens_per_s"] = state.tokens / max(timings["scan_s"], 1e-9)
     result = ScanResult(model=model, config=cfg, state=state, categories=scanner.categories,
                         corpus_sha256=scanner.corpus.sha256, n_docs=scanner.corpus.n_docs,
-                        bos_token_id=scanner.bos, timings=timings, environment=environment())
+                        bos_token_id=scanner.bos, timings=timings, environment=environment(cfg.compile_stats))
     if write:
         t2 = time.perf_counter()
         result.write(out)

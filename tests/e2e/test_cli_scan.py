@@ -35,9 +35,22 @@ def test_scan_cli_writes_run(tiny_folder, text_file, tmp_path, capsys):
     assert set(neurons.layer) == {0, 1} and len(neurons) == 2 * 128
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == "local" and manifest["context_length"] == 32
+    assert manifest["versions"]["stats_kernel"] == "torch.compile"
     # a second run refuses to clobber it
     assert main(["scan", "--model", str(tiny_folder), "--corpus", str(text_file), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_scan_without_compile_gives_the_same_tables(tiny_folder, text_file, tmp_path):
+    args = ["scan", "--model", str(tiny_folder), "--corpus", str(text_file), "--context-length", "16",
+            "--layers", "1", "--formats", "parquet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b"), "--no-compile"]) == 0
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["versions"]["stats_kernel"] == "eager"
+    a, b = (pd.read_parquet(tmp_path / r / "neurons.parquet") for r in "ab")
+    pd.testing.assert_frame_equal(a.drop(columns=["hist"]), b.drop(columns=["hist"]), rtol=1e-4, atol=1e-5)
+    assert (a["hist"].map(list) == b["hist"].map(list)).all()
+    pd.testing.assert_frame_equal(*(pd.read_parquet(tmp_path / r / "examples.parquet") for r in "ab"))
 
 
 def test_scan_with_config_file(tiny_folder, text_file, tmp_path, capsys):

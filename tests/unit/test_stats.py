@@ -161,3 +161,112 @@ def test_update_works_inside_and_outside_inference_mode():
         ls.update(acts, mask, torch.arange(2))
     ls.update(acts.clone(), mask, torch.arange(2, 4))
     assert ls.moments.count == 2 * 2 * 3
+
+
+def test_histogram_bins_every_neuron_of_a_wide_layer():
+    """1,536 neurons x 62 bins: flat indices reach ~95,000, where float32 can no longer hold a fraction of a bin.
+    Values sit at a random fraction (0.002..0.998) of their bin, so every one has a single right answer."""
+    g = torch.Generator().manual_seed(4)
+    d, n_bins, lo, hi = 1536, 60, -2.0, 4.0
+    width = (hi - lo) / n_bins
+    which = torch.randint(-3, n_bins + 3, (300, d), generator=g).double()  # includes under- and overflow
+    frac = 0.002 + 0.996 * torch.rand(300, d, generator=g, dtype=torch.float64)
+    x = (lo + (which + frac) * width).float()
+    h = Histogram(d, lo=lo, hi=hi, n_bins=n_bins)
+    h.update(x[:150])
+    h.update(x[150:])
+    expected = np.zeros((d, n_bins + 2), dtype=np.int64)
+    idx = np.clip(which.numpy().astype(np.int64) + 1, 0, n_bins + 1)
+    for j in range(d):
+        expected[j] = np.bincount(idx[:, j], minlength=n_bins + 2)
+    np.testing.assert_array_equal(h.counts.numpy(), expected)
+
+
+def _batch(seed: int, b: int = 5, t: int = 9, d: int = 40):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.randn(b, t, d, generator=g) * 1.5
+    acts[:, 0] = 900.0 + 10 * torch.arange(b).view(b, 1)  # massive sequence-starter values (distinct: no ties)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[3, 2:] = 0
+    acts[mask == 0] = -700.0  # padding garbage
+    labels = torch.rand(b, t, 3, generator=g) < 0.3
+    return acts, mask, labels
+
+
+@pytest.mark.parametrize("include_first", [False, True])
+def test_fused_and_eager_statistics_agree_with_plain_computation(include_first):
+    acts, mask, labels = _batch(5)
+    before = acts.clone()
+    spec = StatsSpec(top_k=3, hist_lo=-3, hist_hi=3, hist_bins=12, n_positions=9, include_first=include_first,
+                     categories=("a", "b", "c"))
+    fused, eager = LayerStats(0, 40, spec, compile=True), LayerStats(0, 40, spec, compile=False)
+    ids = torch.arange(5) + 100
+    fused.update(acts, mask, ids, labels)
+    eager.update(acts, mask, ids, labels)
+    assert torch.equal(acts, before)  # the activations handed in are left as they were
+    keep = mask.bool().clone()
+    if not include_first:
+        keep[:, 0] = False
+    x = acts[keep].double()
+    for ls in (fused, eager):
+        m = ls.moments
+        assert m.count == x.shape[0]
+        assert torch.equal(m.min, x.amin(0).float()) and torch.equal(m.max, x.amax(0).float())
+        assert torch.equal(m.active, (x > 0).sum(0))
+        for p, s in ((1, m.s1), (2, m.s2), (3, m.s3), (4, m.s4)):
+            assert torch.allclose(s, (x**p).sum(0), rtol=1e-5, atol=1e-3)
+        assert ls.hist.counts.sum() == x.numel()
+        # top-k: windows ranked by their max over counted tokens, position = first maximum in the window
+        wmax = torch.where(keep.unsqueeze(-1), acts, float("-inf")).amax(1)  # [b, d]
+        order = torch.argsort(wmax, dim=0, descending=True)[:3]
+        assert torch.equal(ls.topk.window, ids[order])
+        for r in range(3):
+            for n in range(40):
+                w = int(order[r, n])
+                counted = torch.nonzero(keep[w]).view(-1)
+                best = counted[acts[w, counted, n].argmax()]
+                assert int(ls.topk.pos[r, n]) == int(best)
+        assert torch.equal(ls.concepts.count[:3], labels[keep].sum(0))
+        means = ls.positions.means()
+        assert torch.allclose(means[0].float(), acts[:, 0].mean(0))
+        assert torch.allclose(means[2].float(), acts[mask[:, 2].bool(), 2].mean(0), atol=1e-5)
+    assert torch.equal(fused.hist.counts, eager.hist.counts)
+
+
+def test_half_precision_activations_are_upcast():
+    acts, mask, _ = _batch(6)
+    spec = StatsSpec(top_k=2, n_positions=9)
+    half, full = LayerStats(0, 40, spec), LayerStats(0, 40, spec)
+    half.update(acts.bfloat16(), mask, torch.arange(5))
+    full.update(acts.bfloat16().float(), mask, torch.arange(5))
+    assert half.moments.s2.dtype == torch.float64
+    assert torch.allclose(half.moments.s2, full.moments.s2, rtol=1e-6)
+    assert torch.equal(half.hist.counts, full.hist.counts) and torch.equal(half.topk.pos, full.topk.pos)
+
+
+def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
+    from neuronhunter.stats import kernels
+
+    calls = {"n": 0}
+
+    def broken_compile(*args, **kwargs):
+        calls["n"] += 1
+        raise RuntimeError("no C++ compiler found\nlong details")
+
+    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    acts, mask, _ = _batch(7)
+    spec = StatsSpec(top_k=2, n_positions=9)
+    a, b = LayerStats(0, 40, spec), LayerStats(0, 40, spec, compile=False)
+    with caplog.at_level("WARNING", logger="neuronhunter.stats.kernels"):
+        a.update(acts, mask, torch.arange(5))
+        a.update(acts, mask, torch.arange(5, 10))
+    b.update(acts, mask, torch.arange(5))
+    b.update(acts, mask, torch.arange(5, 10))
+    assert calls["n"] == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "torch.compile is not available here (no C++ compiler found); scan statistics run eagerly (slower)"]
+    assert torch.equal(a.hist.counts, b.hist.counts) and torch.equal(a.moments.s1, b.moments.s1)
+    assert not kernels.compile_enabled()

@@ -11,6 +11,7 @@ from ..errors import ConfigError
 from .common import (
     BatchSizeOpt,
     BosOpt,
+    CompileOpt,
     ContextLengthOpt,
     DeviceOpt,
     DtypeOpt,
@@ -136,6 +137,7 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
         bos: BosOpt = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
+        compile_stats: CompileOpt = None,
         formats: FormatsOpt = None,
         top: int = typer.Option(None, help="Top neurons per category and kind kept in top_neurons [default: 3]"),
         config: Path = typer.Option(None, "--config", help="YAML/JSON hunt config: any of these options, "
@@ -163,7 +165,8 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
             layers=parse_int_list(layers, "--layers"), neurons_per_layer=neurons_per_layer, top_k=top_k,
             context_length=context_length, batch_size=batch_size, max_tokens=max_tokens, threshold=threshold,
             label_last_token_only=last_token_only, case_sensitive=case_sensitive, prepend_bos=bos, device=device,
-            dtype=dtype, formats=formats.split(",") if formats else None, top_per_category=top,
+            dtype=dtype, compile_stats=compile_stats, formats=formats.split(",") if formats else None,
+            top_per_category=top,
         )
         check_out(cfg.out, overwrite=overwrite, resume=resume)
         with LazyProgress("hunting (scan)") as progress:

@@ -10,6 +10,7 @@ from ..config import ScanConfig, load_config
 from .common import (
     BatchSizeOpt,
     BosOpt,
+    CompileOpt,
     ContextLengthOpt,
     DeviceOpt,
     DtypeOpt,
@@ -94,6 +95,7 @@ def register(app: typer.Typer) -> None:
                                            help="Count position 0 in statistics and top-k [default: exclude]"),
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
+        compile_stats: CompileOpt = None,
         formats: FormatsOpt = None,
         seed: int = typer.Option(None, help="Random seed [default: 0]"),
         config: Path = typer.Option(None, "--config", help="YAML/JSON file with any of these options"),
@@ -105,7 +107,7 @@ def register(app: typer.Typer) -> None:
             config, model=model, corpus=corpus, out=out, layers=parse_int_list(layers, "--layers"),
             neurons_per_layer=neurons_per_layer, top_k=top_k, context_length=context_length, batch_size=batch_size,
             max_tokens=max_tokens, concepts=concepts, threshold=threshold, prepend_bos=bos,
-            include_first=include_first, device=device, dtype=dtype,
+            include_first=include_first, device=device, dtype=dtype, compile_stats=compile_stats,
             formats=formats.split(",") if formats else None, seed=seed,
         )
         result = run_with_progress(cfg, overwrite=overwrite, resume=resume)

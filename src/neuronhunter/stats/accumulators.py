@@ -4,26 +4,32 @@ Each accumulator has ``update(...)`` (one batch), ``merge(other)`` (combine two 
 ``from_state_dict()`` (checkpoint/resume). Merging two halves of a corpus gives the same result as one pass over
 all of it (up to float rounding), which is what makes resume and multi-machine scans nearly free.
 
-Hot-path shapes (for ``x: [tokens, d]``, the activations of the tokens that count):
+Each also has a method that adds per-batch quantities computed elsewhere (``Moments.add``,
+``Histogram.add_bins``, ``PositionStats.add``): the scan computes them for all its statistics at once in one fused
+reduction (:mod:`neuronhunter.stats.kernels`), and ``update`` here is the plain version of the same arithmetic.
+
+Shapes (for ``x: [tokens, d]``, the activations of the tokens that count):
 
 * moments: ``x.sum(0)`` and power sums of ``x*x`` reduced per batch in float32, accumulated in float64;
 * fraction active: ``(x > threshold).sum(0)``;
 * histogram of every neuron at once: bin index ``floor((x - lo) / width)`` clamped to under/overflow bins, then
-  one ``bincount`` over ``bin + n_bins * neuron`` (no loop over neurons);
+  one ``bincount`` over ``bin + (n_bins + 2) * neuron`` (no loop over neurons);
 * per-category sums: ``labels.T @ x`` (``[categories, d]``) in one matmul, plus label counts;
-* top-k windows: each window is reduced to its maximum first (``[windows, d]``), then merged with the running
-  top-k by one ``topk`` over the concatenation; only (value, window id, position) is kept.
+* top-k windows: each window is reduced to its maximum first (``[windows, d]``), then, for the neurons where some
+  window beats the current k-th, merged with the running top-k by one ``topk`` over the concatenation; only
+  (value, window id, position) is kept.
 
 No Python loop runs over neurons; memory depends on ``d``, ``k``, bins and categories, never on the token count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from .kernels import bin_index
 
 F64 = torch.float64
 
@@ -35,25 +41,6 @@ def _rows(t: Tensor) -> tuple[int, ...]:
 
 def _n_rows(t: Tensor) -> int:
     return t.numel() // t.shape[-1] if t.shape[-1] else 0
-
-
-_SCRATCH: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
-
-
-def _scratch(like: Tensor, name: str, dtype: torch.dtype | None = None) -> Tensor:
-    """A reusable work buffer shaped like ``like`` (fresh multi-MB allocations on every batch cost page faults).
-
-    One flat buffer per name, grown when a larger shape is asked for, so memory stays constant over a scan.
-    Buffers are shared by all layers (updates run one after another) and must not escape the call using them.
-    """
-    dtype = dtype or like.dtype
-    key = (name, dtype, like.device)
-    numel = like.numel()
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor works both inside and outside inference mode
-            buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=like.device)
-    return buf[:numel].view(like.shape)
 
 
 class Moments:
@@ -71,46 +58,26 @@ class Moments:
         self.max = torch.full((d,), float("-inf"))
         self.active = torch.zeros(d, dtype=torch.long)
 
-    def update(
-        self,
-        x: Tensor,
-        x2: Tensor | None = None,
-        *,
-        zero_rows: int = 0,
-        minmax: tuple[Tensor, Tensor] | None = None,
-    ) -> None:
-        """Add a batch ``x: [..., d]`` (any leading dims are tokens).
+    def update(self, x: Tensor) -> None:
+        """Add a batch ``x: [..., d]`` (any leading dims are tokens)."""
+        dims = _rows(x)
+        x2 = x * x
+        self.add(_n_rows(x), x.sum(dims), x2.sum(dims), (x2 * x).sum(dims), (x2 * x2).sum(dims),
+                 x.amin(dims), x.amax(dims), (x > self.threshold).sum(dims))
 
-        Args:
-            x2: ``x * x`` if already computed (shares work with other accumulators).
-            zero_rows: how many rows of ``x`` are zeroed placeholders for excluded tokens (not counted).
-            minmax: per-neuron (min, max) of the counted tokens, if the caller computed them (required when
-                ``zero_rows > 0``, since the placeholders would distort them).
-        """
-        n = _n_rows(x) - zero_rows
+    def add(self, n: int, s1: Tensor, s2: Tensor, s3: Tensor, s4: Tensor, vmin: Tensor, vmax: Tensor,
+            active: Tensor) -> None:
+        """Add ``n`` tokens summarised by their power sums, extremes and count above the threshold (``[d]`` each)."""
         if n <= 0:
             return
-        x2 = x * x if x2 is None else x2
-        dims = _rows(x)
         self.count += n
-        self.s1 += x.sum(dims).to(F64).cpu()
-        self.s2 += x2.sum(dims).to(F64).cpu()
-        self.s3 += torch.mul(x2, x, out=_scratch(x, "pow")).sum(dims).to(F64).cpu()
-        self.s4 += torch.mul(x2, x2, out=_scratch(x, "pow")).sum(dims).to(F64).cpu()
-        if minmax is None:
-            if zero_rows:
-                raise ValueError("minmax is required with zero_rows")
-            minmax = (x.amin(dims), x.amax(dims))
-        torch.minimum(self.min, minmax[0].float().cpu(), out=self.min)
-        torch.maximum(self.max, minmax[1].float().cpu(), out=self.max)
-        # count x > threshold as the sum of clamp(sign(x - threshold), 0): ~3x faster than summing a bool mask;
-        # float sums of 0/1 are exact below 2**24 rows per batch
-        shifted = x - self.threshold if self.threshold else x
-        step = torch.sign(shifted, out=_scratch(x, "sign")).clamp_(min=0)
-        active = step.sum(dims).round_().to(torch.int64).cpu()
-        if zero_rows and 0.0 > self.threshold:
-            active -= zero_rows
-        self.active += active
+        self.s1 += s1.to(F64).cpu()
+        self.s2 += s2.to(F64).cpu()
+        self.s3 += s3.to(F64).cpu()
+        self.s4 += s4.to(F64).cpu()
+        torch.minimum(self.min, vmin.float().cpu(), out=self.min)
+        torch.maximum(self.max, vmax.float().cpu(), out=self.max)
+        self.active += active.to(torch.int64).cpu()
 
     def merge(self, other: Moments) -> Moments:
         self.count += other.count
@@ -157,7 +124,7 @@ class Histogram:
             raise ValueError("histogram needs hi > lo and n_bins >= 1")
         self.d, self.lo, self.hi, self.n_bins = d, float(lo), float(hi), int(n_bins)
         self.counts = torch.zeros((d, n_bins + 2), dtype=torch.long)
-        self._offsets: Tensor | None = None
+        self._constants: tuple[Tensor, ...] | None = None
 
     @property
     def edges(self) -> Tensor:
@@ -168,26 +135,32 @@ class Histogram:
         raw = int(torch.floor(torch.tensor((value - self.lo) * self.n_bins / (self.hi - self.lo)))) + 1
         return min(max(raw, 0), self.n_bins + 1)
 
-    def update(self, x: Tensor, *, zero_rows: int = 0) -> None:
-        """Add ``x: [..., d]``; ``zero_rows`` rows are zeroed placeholders that are not counted."""
-        if _n_rows(x) - zero_rows <= 0:
-            return
-        nb = self.n_bins + 2
-        scale = self.n_bins / (self.hi - self.lo)
-        if self._offsets is None or self._offsets.device != x.device:
-            self._offsets = torch.arange(self.d, device=x.device, dtype=torch.float32) * nb
-        # bin 0 = underflow, 1..n_bins = regular, n_bins+1 = overflow. Shifted by one bin, values are >= 0 after
-        # the clamp, so truncation to int is the floor; the neuron offset is added in float (exact below 2**24).
-        t = torch.mul(x, scale, out=_scratch(x, "hist"))
-        t.add_(1.0 - self.lo * scale).clamp_(0.0, nb - 0.5)
-        if self.d * nb < 2**24:
-            idx = t.add_(self._offsets).to(torch.int32).reshape(-1)
-        else:  # offsets too large for exact float arithmetic
-            idx = (t.to(torch.int64) + self._offsets.to(torch.int64)).reshape(-1)
-        counts = torch.bincount(idx, minlength=self.d * nb).view(self.d, nb).cpu()
-        if zero_rows:
-            counts[:, self.bin_of(0.0)] -= zero_rows
-        self.counts += counts
+    @property
+    def trash(self) -> int:
+        """Flat index that :meth:`add_bins` ignores (for tokens that do not count)."""
+        return self.d * (self.n_bins + 2)
+
+    def constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(scale, shift, top, offsets)`` for :func:`~neuronhunter.stats.kernels.bin_index` on ``device``."""
+        if self._constants is None or self._constants[0].device != device:
+            nb = self.n_bins + 2
+            scale = self.n_bins / (self.hi - self.lo)
+            wide = self.trash >= 2**31
+            self._constants = (
+                torch.tensor(scale, device=device), torch.tensor(1.0 - self.lo * scale, device=device),
+                torch.tensor(nb - 0.5, device=device),
+                torch.arange(self.d, device=device, dtype=torch.int64 if wide else torch.int32) * nb,
+            )
+        return self._constants
+
+    def update(self, x: Tensor) -> None:
+        """Add ``x: [..., d]``."""
+        self.add_bins(bin_index(x, *self.constants(x.device)).reshape(-1))
+
+    def add_bins(self, bins: Tensor) -> None:
+        """Add flat indices ``bin + (n_bins + 2) * neuron``; entries equal to :attr:`trash` are not counted."""
+        counts = torch.bincount(bins, minlength=self.trash + 1)[: self.trash]
+        self.counts += counts.view(self.d, self.n_bins + 2).cpu()
 
     def merge(self, other: Histogram) -> Histogram:
         if (other.lo, other.hi, other.n_bins) != (self.lo, self.hi, self.n_bins):
@@ -220,29 +193,25 @@ class TopK:
         self.window = torch.full((k, d), -1, dtype=torch.long)
         self.pos = torch.zeros((k, d), dtype=torch.int32)
 
-    def update(self, wmax: Tensor, wpos: Tensor | Callable[[Tensor, Tensor], Tensor], window_ids: Tensor) -> None:
-        """Merge per-window maxima ``wmax [windows, d]``.
-
-        ``wpos`` is either the positions of the maxima ``[windows, d]`` or a function ``(rows, neurons) -> pos``
-        called only for the (window, neuron) pairs that enter the top-k, so the arg-max of the whole batch is
-        never computed.
-        """
+    def update(self, wmax: Tensor, wpos: Tensor, window_ids: Tensor) -> None:
+        """Merge per-window maxima ``wmax [windows, d]`` found at positions ``wpos [windows, d]``."""
         wmax = wmax.float().cpu()
-        ids = window_ids.view(-1, 1).expand(-1, self.d).cpu()
-        if not callable(wpos):
-            self._merge_rows(wmax, ids, wpos.cpu())
+        # only neurons with a window better than their current k-th enter the merge (once the top-k is full and
+        # many windows have been seen, a small fraction of them)
+        better = (wmax > self.values[-1]).any(0)
+        n = int(better.sum())
+        if n == 0:
             return
-        vals = torch.cat([self.values, wmax])
-        top, idx = vals.topk(self.k, dim=0)
-        new = idx >= self.k
-        pos = torch.cat([self.pos, torch.zeros_like(wmax, dtype=torch.int32)]).gather(0, idx)
-        if bool(new.any()):
-            rows = idx[new] - self.k
-            neurons = torch.nonzero(new)[:, 1]
-            pos[new] = wpos(rows, neurons).to(torch.int32).cpu()
-        self.window = torch.cat([self.window, ids]).gather(0, idx)
-        self.pos = pos
-        self.values = top
+        if 2 * n > self.d:  # most neurons (the first batches): merging all of them is cheaper than selecting
+            self._merge_rows(wmax, window_ids.view(-1, 1).cpu().expand(-1, self.d), wpos.cpu())
+            return
+        cols = torch.nonzero(better).view(-1)
+        ids = window_ids.view(-1, 1).cpu().expand(-1, n)
+        top, idx = torch.cat([self.values[:, cols], wmax[:, cols]]).topk(self.k, dim=0)
+        new_pos = wpos.cpu()[:, cols].to(torch.int32)
+        self.window[:, cols] = torch.cat([self.window[:, cols], ids]).gather(0, idx)
+        self.pos[:, cols] = torch.cat([self.pos[:, cols], new_pos]).gather(0, idx)
+        self.values[:, cols] = top
 
     def merge(self, other: TopK) -> TopK:
         self._merge_rows(other.values, other.window, other.pos)
@@ -347,15 +316,25 @@ class PositionStats:
 
     def update(self, acts: Tensor, mask: Tensor) -> None:
         """``acts: [batch, pos, d]``, ``mask: [batch, pos]`` (1 for real tokens, right padding)."""
-        t = acts.shape[1]
-        sums = acts.sum(0)
-        lengths = mask.sum(1)
-        for i in torch.nonzero(lengths < t).view(-1).tolist():  # right padding: take the padded tail back out
-            sums[int(lengths[i]):] -= acts[i, int(lengths[i]):]
+        real = mask.to(acts.device).bool()
+        sums = torch.where(real.unsqueeze(-1), acts, torch.zeros((), dtype=acts.dtype, device=acts.device)).sum(0)
+        self.add(sums, real, acts[:, 0][real[:, 0]], counted_first=True)
+
+    def add(self, sums: Tensor, real: Tensor, first: Tensor, *, counted_first: bool) -> None:
+        """Add per-position sums computed by the caller.
+
+        Args:
+            sums: ``[pos, d]`` sums over the batch of the real tokens at each position.
+            real: ``[batch, pos]`` bool, the real (non-padding) tokens.
+            first: ``[windows, d]`` the activations at position 0 of the windows.
+            counted_first: whether ``sums[0]`` already holds position 0 (else ``first`` is added to it).
+        """
+        t = sums.shape[0]
         self.sum[:t] += sums.to(F64).cpu()
-        self.count[:t] += mask.sum(0).long().cpu()
-        first = acts[:, 0][mask[:, 0].bool()]
+        self.count[:t] += real.sum(0).long().cpu()
         if first.shape[0]:
+            if not counted_first:
+                self.sum[0] += first.sum(0).to(F64).cpu()
             torch.maximum(self.first_max, first.amax(0).float().cpu(), out=self.first_max)
             self.first_active += (first > self.threshold).sum(0).cpu()
 

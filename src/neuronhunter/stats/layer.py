@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .accumulators import ConceptStats, Histogram, Moments, PositionStats, TopK, _scratch
+from .accumulators import ConceptStats, Histogram, Moments, PositionStats, TopK
+from .kernels import reduce_batch
 
 
 @dataclass(frozen=True)
@@ -30,24 +31,12 @@ class StatsSpec:
     categories: tuple[str, ...] = ()
 
 
-def first_argmax(vals: Tensor, vmax: Tensor) -> Tensor:
-    """Index of the first position along dim 1 where ``vals [b, t, d]`` equals ``vmax [b, d]`` (its max).
-
-    Same result as ``vals.argmax(1)`` for the first maximum, but ~10x faster on CPU: PyTorch's arg-max along a
-    non-last dim is slow, while equality, a multiply and ``amax`` are fast.
-    """
-    t = vals.shape[1]
-    hit = torch.eq(vals, vmax.unsqueeze(1), out=_scratch(vals, "hit", torch.bool))
-    weights = torch.arange(t, 0, -1, dtype=vals.dtype, device=vals.device).view(1, t, 1)  # t .. 1
-    score = torch.mul(hit, weights, out=_scratch(vals, "score")).amax(1)  # t - first index (0 if no hit)
-    return (t - score).clamp_(0, t - 1).to(torch.long)
-
-
 class LayerStats:
     """All accumulators of one layer (``d`` neurons)."""
 
-    def __init__(self, layer: int, d: int, spec: StatsSpec) -> None:
-        self.layer, self.d, self.spec = layer, d, spec
+    def __init__(self, layer: int, d: int, spec: StatsSpec, *, compile: bool = True) -> None:
+        self.layer, self.d, self.spec, self.compile = layer, d, spec, compile
+        self._thr: Tensor | None = None
         self.moments = Moments(d, spec.threshold)
         self.hist = Histogram(d, spec.hist_lo, spec.hist_hi, spec.hist_bins)
         self.topk = TopK(d, spec.top_k)
@@ -64,59 +53,28 @@ class LayerStats:
             labels: ``[batch, pos, C]`` bool concept labels, if categories are tracked.
         """
         b, t, d = acts.shape
-        self.positions.update(acts, mask)
-        start = 0 if self.spec.include_first else 1
-        keep = mask.bool()
-        if start:
-            keep = keep.clone()
+        real = mask.to(acts.device).bool()
+        keep = real.clone()
+        if not self.spec.include_first:
             keep[:, 0] = False
-        lengths = keep[:, start:].sum(1)  # counted tokens per window (right padding)
-        if int(lengths.sum()) == 0:
+        n = int(keep.sum())
+        r = reduce_batch(acts, keep, (self._threshold(acts.device), *self.hist.constants(acts.device)),
+                         self.hist.trash, compile=self.compile)
+        first = acts[:, 0][real[:, 0]].float()  # the sequence starters, tracked whether counted or not
+        self.positions.add(r.pos_sums, real, first, counted_first=self.spec.include_first)
+        if n == 0:
             return
-        keep_flat = keep.view(-1)
-        body = acts[:, start:]  # [b, t', d] view
-        full = bool((lengths == body.shape[1]).all())
-        if full:
-            # the common case (only position 0 excluded, no padding): one contiguous copy of the counted rows
-            # (reductions over the strided view are ~20x slower than over contiguous memory)
-            x = _scratch(body, "rows").copy_(body).view(-1, d)
-            n_excluded = 0
-        else:
-            # zero the excluded rows in a copy: exact sums without subtracting (possibly huge) BOS values
-            flat = acts.reshape(b * t, d)
-            x = _scratch(flat, "rows").copy_(flat)
-            x.index_fill_(0, torch.nonzero(~keep_flat).view(-1), 0.0)
-            n_excluded = b * t - int(lengths.sum())
-        x2 = torch.mul(x, x, out=_scratch(x, "x2"))
-
-        # per-window max and min over the counted positions: feeds min/max and the top-k
-        wmax, wmin = body.amax(1), body.amin(1)  # [b, d]
-        if not full:
-            for i in torch.nonzero(lengths < body.shape[1]).view(-1).tolist():
-                n = int(lengths[i])
-                if n == 0:
-                    wmax[i], wmin[i] = float("-inf"), float("inf")
-                else:
-                    wmax[i], wmin[i] = body[i, :n].amax(0), body[i, :n].amin(0)
-
-        self.moments.update(x, x2, zero_rows=n_excluded, minmax=(wmin.amin(0), wmax.amax(0)))
-        self.hist.update(x, zero_rows=n_excluded)
+        self.moments.add(n, r.pos_sums.sum(0), r.s2, r.s3, r.s4, r.vmin, r.wmax.amax(0), r.active)
+        self.hist.add_bins(r.bins)
+        self.topk.update(r.wmax, r.wpos, window_ids)
         if self.concepts is not None and labels is not None:
-            lab = labels.reshape(b * t, -1)
-            if full:
-                flat = acts.reshape(b * t, d)
-                self.concepts.update(flat, lab, flat * flat, keep=keep_flat)
-            else:
-                self.concepts.update(x, lab, x2, keep=keep_flat)
+            self.concepts.update(acts.reshape(b * t, d).float(), labels.reshape(b * t, -1).to(acts.device),
+                                 keep=keep.view(-1))
 
-        def locate(rows: Tensor, neurons: Tensor) -> Tensor:
-            """Positions of the maxima of the (window, neuron) pairs that enter the top-k."""
-            # right padding: a window's maximum is reached at a counted position before any padding, so the
-            # first position equal to it is the right one even without masking the padding
-            pos = first_argmax(x.view(b, -1, d) if full else body, wmax)
-            return pos[rows.to(acts.device), neurons.to(acts.device)] + start
-
-        self.topk.update(wmax, locate, window_ids)
+    def _threshold(self, device: torch.device) -> Tensor:
+        if self._thr is None or self._thr.device != device:
+            self._thr = torch.tensor(self.spec.threshold, device=device)
+        return self._thr
 
     def merge(self, other: LayerStats) -> LayerStats:
         self.moments.merge(other.moments)
