@@ -194,12 +194,12 @@ def _batch(seed: int, b: int = 5, t: int = 9, d: int = 40):
     return acts, mask, labels
 
 
-@pytest.mark.parametrize("include_first", [False, True])
-def test_fused_and_eager_statistics_agree_with_plain_computation(include_first):
+@pytest.mark.parametrize(("include_first", "threshold"), [(False, 0.0), (True, 0.0), (False, -0.5)])
+def test_fused_and_eager_statistics_agree_with_plain_computation(include_first, threshold):
     acts, mask, labels = _batch(5)
     before = acts.clone()
     spec = StatsSpec(top_k=3, hist_lo=-3, hist_hi=3, hist_bins=12, n_positions=9, include_first=include_first,
-                     categories=("a", "b", "c"))
+                     categories=("a", "b", "c"), threshold=threshold)
     fused, eager = LayerStats(0, 40, spec, compile=True), LayerStats(0, 40, spec, compile=False)
     ids = torch.arange(5) + 100
     fused.update(acts, mask, ids, labels)
@@ -213,7 +213,7 @@ def test_fused_and_eager_statistics_agree_with_plain_computation(include_first):
         m = ls.moments
         assert m.count == x.shape[0]
         assert torch.equal(m.min, x.amin(0).float()) and torch.equal(m.max, x.amax(0).float())
-        assert torch.equal(m.active, (x > 0).sum(0))
+        assert torch.equal(m.active, (x > threshold).sum(0))
         for p, s in ((1, m.s1), (2, m.s2), (3, m.s3), (4, m.s4)):
             assert torch.allclose(s, (x**p).sum(0), rtol=1e-5, atol=1e-3)
         assert ls.hist.counts.sum() == x.numel()

@@ -63,16 +63,16 @@ def batch_reduce(
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     k = keep.unsqueeze(-1)
-    masked = torch.where(k, x, float("-inf"))
-    wmax, wpos = masked.amax(1), masked.argmax(1)
+    wmax, wpos = torch.where(k, x, float("-inf")).max(1)  # values and first index in one pass
     vmin = torch.where(k, x, float("inf")).amin((0, 1))
-    z = torch.where(k, x, 0.0)
+    z = torch.where(k, x, 0.0)  # uncounted tokens contribute nothing to the sums
     z2 = z * z
+    uncounted = (~keep).sum() * (threshold < 0)  # their zeros are "active" only below a negative threshold
     bins = torch.where(k, bin_index(x, scale, shift, top, offsets), trash)
     return BatchSums(
         wmax=wmax, wpos=wpos, vmin=vmin, pos_sums=z.sum(0),
         s2=z2.sum((0, 1)), s3=(z2 * z).sum((0, 1)), s4=(z2 * z2).sum((0, 1)),
-        active=((x > threshold) & k).sum((0, 1)), bins=bins.reshape(-1),
+        active=(z > threshold).sum((0, 1)) - uncounted, bins=bins.reshape(-1),
     )
 
 
