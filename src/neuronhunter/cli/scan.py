@@ -57,19 +57,26 @@ def print_scan_summary(result, *, top: int = 1) -> None:
         f"{m['neurons_per_layer']} neurons, {t.get('tokens_per_s', 0):.0f} tok/s"
     )
     table = Table(title="Strongest neuron per layer (position 0 excluded)", show_lines=False)
-    for col in ("layer", "neuron", "max", "mean", "active", "dead"):
+    for col in ("layer", "neuron", "max", "mean", "active", "dead", "at"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("top example", no_wrap=True, overflow="ellipsis", max_width=60)
     thr = result.config.threshold
+    opener = 0 if result.config.include_first else 1  # the first counted position of a window
+    flagged = 0
     for layer, group in neurons.groupby("layer"):
         best = group.nlargest(top, "max")
         dead = int(((group["max"] <= thr) | (group["count"] == 0)).sum())
         for _, row in best.iterrows():
             key = (int(row["layer"]), int(row["neuron"]))
-            ctx = first.loc[key, "context"] if key in first.index else ""
+            ctx, at = (first.loc[key, "context"], int(first.loc[key, "window_pos"])) if key in first.index else ("", -1)
+            flagged += at == opener
             table.add_row(str(layer), str(int(row["neuron"])), f"{row['max']:.2f}", f"{row['mean']:.3f}",
-                          f"{row['frac_active']:.2f}", str(dead), escape(ctx.replace("\n", " ").strip()[-60:]))
+                          f"{row['frac_active']:.2f}", str(dead), f"{at}{'*' if at == opener else ''}",
+                          escape(ctx.replace("\n", " ").strip()[-60:]))
     console.print(table)
+    if flagged:
+        console.print(f"at = position of the peak in its window; * = the window's first counted token, where massive "
+                      f"activations are often positional artefacts ({flagged} of these rows; the hunt checks them)")
     total_dead = int((neurons["max"] <= thr).sum())
     console.print(f"Dead neurons (never above {thr}): {total_dead} of {len(neurons):,}")
 
