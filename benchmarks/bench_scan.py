@@ -1,7 +1,8 @@
 """Scan throughput and memory against a bare forward pass.
 
 In one process, on the same pre-tokenised batches, it times (a) a bare forward pass of the model through its last
-scanned layer and (b) the full scan with every statistic (moments, histogram, top-k windows, position stats, and
+scanned layer and (b) the full scan with every statistic (which ends its pass once the last scanned layer's neurons
+are read, skipping that layer's down-projection) (moments, histogram, top-k windows, position stats, and
 concept stats with ``--concepts``), alternating the two for several rounds and taking the median of each, so a
 busy machine slows both alike. Then it measures peak memory (RSS) of complete scans over 1x and 4x the tokens in
 fresh subprocesses. The last line is ``scan/forward ratio: X.XX``.

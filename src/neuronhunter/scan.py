@@ -5,7 +5,8 @@ Data flow::
     ScanConfig -> load model -> check layers/corpus/lexicon (before anything is written)
       -> corpus -> deterministic windows -> batches
       -> for each batch: forward pass with pre-hooks on each scanned layer's MLP output projection (the neuron is
-         its input), stopping after the last scanned layer; each hook updates that layer's LayerStats
+         its input); each hook updates that layer's LayerStats, and the last one ends the pass (the rest of
+         the model, from the last scanned layer's down-projection on, is not needed)
       -> every N batches: resumable checkpoint (temp file + rename)
       -> tables (neurons, examples, concepts) + stats.pt + config.json, manifest.json last
 
@@ -33,7 +34,7 @@ from .data.batches import TokenLabeller, Window, iter_batches, iter_windows
 from .data.corpus import Corpus
 from .errors import ConfigError, RunDirError
 from .io import MANIFEST, atomic_path
-from .models.hooked import HookedModel
+from .models.hooked import HookedModel, StopForward
 from .models.sites import Site
 from .stats.layer import LayerStats, StatsSpec
 
@@ -171,17 +172,21 @@ class Scanner:
         current: dict[str, Any] = {}
         n = self.n_neurons
 
+        last = max(self.layers)
+
         def make_hook(layer: int) -> Callable[[torch.Tensor, Site], None]:
             ls = state.layers[layer]
 
             def hook(act: torch.Tensor, _site: Site) -> None:
                 ls.update(act[..., :n] if n < act.shape[-1] else act, current["mask"], current["wids"],
                           current["labels"])
+                if layer == last:  # nothing after the last scanned neurons is needed
+                    raise StopForward
 
             return hook
 
         fns = {Site.mlp_post(layer): make_hook(layer) for layer in self.layers}
-        stop = max(self.layers) + 1
+        stop = last + 1
         skip = state.batches_done
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         prune_every = 16

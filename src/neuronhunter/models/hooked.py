@@ -29,8 +29,9 @@ from .sites import Site
 Intervention = Callable[[Tensor, Site], Tensor | None]
 
 
-class _StopForward(Exception):
-    """Raised by a hook to end the forward pass early."""
+class StopForward(Exception):
+    """Raised by a hook to end the forward pass there; ``forward(stop_at_layer=...)`` catches it (the scan stops
+    right after reading its last layer's neurons, skipping that layer's down-projection)."""
 
 
 def _linear_in_features(module: nn.Module) -> int:
@@ -194,7 +195,7 @@ class HookedModel:
 
     @staticmethod
     def _stop(*_: Any) -> None:
-        raise _StopForward
+        raise StopForward
 
     def _attach(self, module: nn.Module, mode: str, site: Site, fns: list[Intervention]) -> Any:
         heads, d_head = self.n_heads, self.d_head
@@ -300,7 +301,7 @@ class HookedModel:
                     base = getattr(self.model, self.model.base_model_prefix, None) or self.model
                     try:
                         base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                    except _StopForward:
+                    except StopForward:
                         pass
                 return None
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
