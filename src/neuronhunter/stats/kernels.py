@@ -64,15 +64,17 @@ def batch_reduce(
         x = x.float()
     k = keep.unsqueeze(-1)
     wmax, wpos = torch.where(k, x, float("-inf")).max(1)  # values and first index in one pass
-    vmin = torch.where(k, x, float("inf")).amin((0, 1))
     z = torch.where(k, x, 0.0)  # uncounted tokens contribute nothing to the sums
     z2 = z * z
+    # every reduction is first taken over positions (dim 1), like the window maxima, then over the few windows:
+    # compiled, they share one loop over the batch (reducing over (0, 1) at once takes a second loop)
+    vmin = torch.where(k, x, float("inf")).amin(1).amin(0)
     uncounted = (~keep).sum() * (threshold < 0)  # their zeros are "active" only below a negative threshold
     bins = torch.where(k, bin_index(x, scale, shift, top, offsets), trash)
     return BatchSums(
         wmax=wmax, wpos=wpos, vmin=vmin, pos_sums=z.sum(0),
-        s2=z2.sum((0, 1)), s3=(z2 * z).sum((0, 1)), s4=(z2 * z2).sum((0, 1)),
-        active=(z > threshold).sum((0, 1)) - uncounted, bins=bins.reshape(-1),
+        s2=z2.sum(1).sum(0), s3=(z2 * z).sum(1).sum(0), s4=(z2 * z2).sum(1).sum(0),
+        active=(z > threshold).sum(1).sum(0) - uncounted, bins=bins.reshape(-1),
     )
 
 
