@@ -270,3 +270,22 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
         "torch.compile is not available here (no C++ compiler found); scan statistics run eagerly (slower)"]
     assert torch.equal(a.hist.counts, b.hist.counts) and torch.equal(a.moments.s1, b.moments.s1)
     assert not kernels.compile_enabled()
+
+
+def test_single_window_and_single_position_batches_need_no_recompilation():
+    """b == 1 or t == 1 would make torch.compile specialise (seconds and memory per variant); they are padded
+    with uncounted tokens instead, with results equal to the eager computation."""
+    torch._dynamo.utils.counters.clear()
+    spec = StatsSpec(top_k=2, n_positions=9, include_first=True)
+    acts, mask, _ = _batch(8)
+    for sl in (slice(0, 3), slice(0, 1), slice(2, 3)):
+        for t in (9, 1):
+            a, m = acts[sl, :t].contiguous(), mask[sl, :t].clone()
+            fused, eager = LayerStats(0, 40, spec), LayerStats(0, 40, spec, compile=False)
+            fused.update(a, m, torch.arange(a.shape[0]))
+            eager.update(a, m, torch.arange(a.shape[0]))
+            assert torch.equal(fused.topk.window, eager.topk.window) and torch.equal(fused.topk.pos, eager.topk.pos)
+            assert torch.equal(fused.hist.counts, eager.hist.counts)
+            assert torch.allclose(fused.positions.sum, eager.positions.sum, atol=1e-4)
+            assert torch.allclose(fused.moments.s2, eager.moments.s2, rtol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1

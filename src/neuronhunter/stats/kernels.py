@@ -94,7 +94,16 @@ def reduce_batch(x: Tensor, keep: Tensor, constants: tuple[Tensor, ...], trash: 
         try:
             if _compiled is None:
                 _compiled = torch.compile(batch_reduce, dynamic=True)
-            return _compiled(x, keep, *constants, trash)
+            b, t = keep.shape
+            if b > 1 and t > 1:
+                return _compiled(x, keep, *constants, trash)
+            # size-1 dims get a specialised recompilation (seconds, and memory that stays); pad instead with
+            # tokens that do not count: they add nothing, and their outputs are cut off again
+            pad_b, pad_t = int(b == 1), int(t == 1)
+            x = torch.nn.functional.pad(x, (0, 0, 0, pad_t, 0, pad_b))
+            keep = torch.nn.functional.pad(keep, (0, pad_t, 0, pad_b), value=False)
+            r = _compiled(x, keep, *constants, trash)
+            return r._replace(wmax=r.wmax[:b], wpos=r.wpos[:b], pos_sums=r.pos_sums[:t])
         except Exception as exc:  # inductor needs a C++ compiler on CPU and Triton on CUDA
             _compile_failed = True
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
