@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - create .venv, install, scan the embedded model on the bundled corpus and run the hunt
+#   make demo   - create .venv, install, scan the embedded model on the bundled corpus, run the hunt and write
+#                 its HTML neuron browser (runs/hunt/browser/index.html)
 #   make test   - create .venv, install, run the test suite
 # Both are idempotent and fast once the environment exists.
 
@@ -25,6 +26,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/neuronhunter scan --overwrite
 	$(BIN)/neuronhunter hunt --overwrite
+	$(BIN)/neuronhunter browse runs/hunt --examples 10
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
