@@ -261,87 +261,63 @@ def train_phase(
         neuron row per (epoch, neuron), and :func:`neuron_metrics` of the final state.
     """
     with torch_threads(config.threads):
-        return _train_phase(
-            model,
-            train,
-            test,
-            phase=phase,
-            seed=seed,
-            config=config,
-            step=step,
-            checkpoint_dir=checkpoint_dir,
-        )
+        task = PHASE_TASKS[phase]
+        epochs = config.epochs_phase1 if phase == 1 else config.epochs_phase2
+        x_train, y_train = train.flat(), train.labels(task)
+        x_test, y_test = test.flat(), test.labels(task)
+        opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        g = torch.Generator().manual_seed(seed * 1000 + phase)
+        history: list[dict[str, Any]] = []
+        neurons: list[dict[str, Any]] = []
 
+        def record(epoch: int) -> dict[str, Any]:
+            model.eval()
+            train_loss, train_acc = evaluate(model, x_train, y_train)
+            test_loss, test_acc = evaluate(model, x_test, y_test)
+            m = neuron_metrics(model, test, config.poly_threshold)
+            alive = m["alive"]
+            history.append(
+                {
+                    "seed": seed,
+                    "phase": phase,
+                    "epoch": epoch,
+                    "task": task,
+                    "train_loss": train_loss,
+                    "train_acc": train_acc,
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                    "mean_pairwise_angle": m["mean_pairwise_angle"],
+                    "mean_pairwise_angle_alive": m["mean_pairwise_angle_alive"],
+                    "n_alive": int(alive.sum()),
+                    "n_dead": int((~alive).sum()),
+                    "n_poly": m["verdict"].count("poly"),
+                    "n_mono": m["verdict"].count("mono"),
+                    "mean_crs_alive": float(m["crs"][alive].mean()) if alive.any() else float("nan"),
+                    "mean_weight_entropy": float(m["weight_entropy"].mean()),
+                    "mean_l2_norm": float(m["l2_norm"].mean()),
+                }
+            )
+            neurons.extend(_neuron_rows(seed, phase, epoch, m))
+            if checkpoint_dir is not None and config.checkpoint_every_epoch:
+                meta = {"seed": seed, "phase": phase, "epoch": epoch, "task": task, "hidden": config.hidden}
+                _save_checkpoint(model, checkpoint_dir / f"seed{seed}_epoch{epoch:03d}.safetensors", meta)
+            return m
 
-def _train_phase(
-    model: LineMLP,
-    train: LinesData,
-    test: LinesData,
-    *,
-    phase: int,
-    seed: int,
-    config: MonopolyConfig,
-    step: Callable[[], None] | None = None,
-    checkpoint_dir: Path | None = None,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
-    """The body of :func:`train_phase`."""
-    task = PHASE_TASKS[phase]
-    epochs = config.epochs_phase1 if phase == 1 else config.epochs_phase2
-    x_train, y_train = train.flat(), train.labels(task)
-    x_test, y_test = test.flat(), test.labels(task)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    g = torch.Generator().manual_seed(seed * 1000 + phase)
-    history: list[dict[str, Any]] = []
-    neurons: list[dict[str, Any]] = []
-
-    def record(epoch: int) -> dict[str, Any]:
-        model.eval()
-        train_loss, train_acc = evaluate(model, x_train, y_train)
-        test_loss, test_acc = evaluate(model, x_test, y_test)
-        m = neuron_metrics(model, test, config.poly_threshold)
-        alive = m["alive"]
-        history.append(
-            {
-                "seed": seed,
-                "phase": phase,
-                "epoch": epoch,
-                "task": task,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "mean_pairwise_angle": m["mean_pairwise_angle"],
-                "mean_pairwise_angle_alive": m["mean_pairwise_angle_alive"],
-                "n_alive": int(alive.sum()),
-                "n_dead": int((~alive).sum()),
-                "n_poly": m["verdict"].count("poly"),
-                "n_mono": m["verdict"].count("mono"),
-                "mean_crs_alive": float(m["crs"][alive].mean()) if alive.any() else float("nan"),
-                "mean_weight_entropy": float(m["weight_entropy"].mean()),
-                "mean_l2_norm": float(m["l2_norm"].mean()),
-            }
-        )
-        neurons.extend(_neuron_rows(seed, phase, epoch, m))
-        if checkpoint_dir is not None and config.checkpoint_every_epoch:
-            meta = {"seed": seed, "phase": phase, "epoch": epoch, "task": task, "hidden": config.hidden}
-            _save_checkpoint(model, checkpoint_dir / f"seed{seed}_epoch{epoch:03d}.safetensors", meta)
-        return m
-
-    final = record(0)
-    n = x_train.shape[0]
-    for epoch in range(1, epochs + 1):
-        model.train()
-        order = torch.randperm(n, generator=g).to(x_train.device)
-        for start in range(0, n, config.batch_size):
-            idx = order[start : start + config.batch_size]
-            loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        final = record(epoch)
-        if step is not None:
-            step()
-    return history, neurons, final
+        final = record(0)
+        n = x_train.shape[0]
+        for epoch in range(1, epochs + 1):
+            model.train()
+            order = torch.randperm(n, generator=g).to(x_train.device)
+            for start in range(0, n, config.batch_size):
+                idx = order[start : start + config.batch_size]
+                loss = nn.functional.cross_entropy(model(x_train[idx]), y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            final = record(epoch)
+            if step is not None:
+                step()
+        return history, neurons, final
 
 
 def _group_values(m: dict[str, Any], key: str, verdict: str) -> list[float]:
