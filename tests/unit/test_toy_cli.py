@@ -45,57 +45,13 @@ def test_tms_command_tiny(tmp_path, capsys):
 
 def test_monopoly_command_tiny(tmp_path):
     out = tmp_path / "mp"
-    rc = main(
-        [
-            "toy",
-            "monopoly",
-            "--seeds",
-            "1",
-            "--epochs",
-            "1",
-            "--phase2-epochs",
-            "1",
-            "--n-train",
-            "64",
-            "--n-test",
-            "32",
-            "--hidden",
-            "3",
-            "--png-samples",
-            "0",
-            "--no-plots",
-            "--out",
-            str(out),
-        ]
-    )
-    assert rc == 0
+    args = ["toy", "monopoly", "--seeds", "1", "--epochs", "1", "--phase2-epochs", "1", "--n-train", "64",
+            "--n-test", "32", "--hidden", "3", "--png-samples", "0", "--no-plots", "--out", str(out)]
+    assert main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["hypotheses"]) == {"H1", "H2", "H3"}
     # a second run into the same folder is refused with a one-line error unless --overwrite
-    assert (
-        main(
-            [
-                "toy",
-                "monopoly",
-                "--seeds",
-                "1",
-                "--epochs",
-                "1",
-                "--phase2-epochs",
-                "1",
-                "--n-train",
-                "64",
-                "--n-test",
-                "32",
-                "--no-plots",
-                "--png-samples",
-                "0",
-                "--out",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(args) == 2
 
 
 def test_bad_options_are_one_line_errors(capsys):
