@@ -11,12 +11,7 @@ from neuronhunter.cli.main import main
 from neuronhunter.models.tiny import save_tiny_model
 from neuronhunter.selfreport import write_toy_corpus
 
-pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread_module")]  # 1 thread, see conftest
 
 
 @pytest.fixture(scope="module")

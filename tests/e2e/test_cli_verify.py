@@ -9,15 +9,10 @@ import pytest
 
 from neuronhunter.cli.main import main
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("one_thread_module")]  # 1 thread, see conftest
 
 WORDS = ("The red cat sat near the blue door on Monday. A dog ran to the green tree in March, and the fox "
          "watched the yellow car. Paris and London are cities; the horse ate an apple and a banana.")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from neuronhunter.analysis.heads import induction_scores, random_repeated_tokens
 from neuronhunter.analysis.interventions import head_ablation, next_token_nll, run_with_interventions
 from neuronhunter.analysis.patching import patching_sweep
 
-pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread_module")]  # 1 thread, see conftest
 
 
 @pytest.fixture(scope="module")

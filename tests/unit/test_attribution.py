@@ -19,10 +19,7 @@ from neuronhunter.analysis.attribution import (
 from neuronhunter.errors import RunDirError, SiteError
 from neuronhunter.models.tiny import tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 @pytest.fixture(scope="module")

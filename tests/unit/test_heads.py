@@ -18,9 +18,7 @@ PLANTED = (0, 2)  # (layer, head)
 PERIODS = (7.3, 19.1, 53.7, 311.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 @pytest.fixture(scope="module")

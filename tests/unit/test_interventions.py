@@ -39,9 +39,7 @@ class WordLabeller:
         return out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 LABELLER = WordLabeller({"animal": {"cat", "dog", "fox", "bird"}, "color": {"red", "blue", "green"}})

@@ -14,9 +14,7 @@ from neuronhunter.models.tiny import tiny_model
 CLEAN, CORRUPTED = "The cat sat on the mat", "The dog sat on the mat"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,7 @@ FILLER = ["the", "a", "saw", "near", "and", "then", "with", "under", "old", "sma
 PLANTED_NEURON = (0, 5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 class WordLabeller:

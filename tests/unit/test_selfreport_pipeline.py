@@ -28,10 +28,7 @@ from neuronhunter.selfreport.evaluation import (
     token_baseline,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 # ------------------------------------------------------------------------------------------------ metrics

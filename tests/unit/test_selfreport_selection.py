@@ -22,10 +22,7 @@ from neuronhunter.selfreport import (
     write_toy_corpus,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,7 @@ from neuronhunter.selfreport.evaluation import score
 TARGET = NeuronRef(layer=0, neuron=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread(one_thread_module):
-    """One intra-op torch thread for this module (see tests/conftest.py)."""
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # one torch thread, see conftest
 
 
 def planted_model():
