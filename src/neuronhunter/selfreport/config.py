@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..config import format_validation_error
+from ..config import read_config_file as read_mapping
 from ..errors import ConfigError
 
 EXAMPLE = "example"
@@ -271,18 +273,6 @@ def example_config_path() -> Path:
     return Path(str(resources.files("neuronhunter.selfreport").joinpath("configs/example.yaml")))
 
 
-def _format_error(exc: ValidationError, where: str) -> str:
-    errors = exc.errors()
-    first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown option"
-    msg = msg.removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
-    return f"{where}: {loc}: {msg}{more}"
-
-
 def _parse_value(text: str) -> Any:
     import yaml
 
@@ -317,37 +307,12 @@ def config_from_dict(data: Any, *, where: str = "config") -> SelfReportConfig:
     try:
         return SelfReportConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, where)) from None
+        raise ConfigError(format_validation_error(exc, where, unknown="unknown option")) from None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a raw config mapping from JSON or YAML (``example`` names the bundled example)."""
-    import yaml
-
-    path = example_config_path() if str(path) == EXAMPLE else Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config {path}: {exc}") from None
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            data = yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path.name}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(f"{path.name}: invalid YAML{line}: {problem}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path.name}: the top level must be a mapping of options")
-    return data
+    return read_mapping(example_config_path() if str(path) == EXAMPLE else path)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> SelfReportConfig:
