@@ -107,3 +107,17 @@ def test_interrupt_is_one_line_and_exit_130(tiny_folder, text_file, tmp_path, ca
     assert code == 130
     assert err.startswith("error: interrupted") and "--resume" in err and len(err.splitlines()) == 1
     assert main(["--help"]) == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["scan", "--nope"], "No such option: --nope"),
+        (["scan", "--top-k", "abc"], "Invalid value for '--top-k'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err

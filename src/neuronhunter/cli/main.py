@@ -50,6 +50,21 @@ def _interrupted() -> int:
     return 130
 
 
+def _click_exceptions() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """Click's ``ClickException`` and ``Abort`` classes: typer >= 0.16 raises those of its bundled copy of click
+    (``typer._click``), older typer those of ``click`` itself."""
+    usage: list[type] = []
+    abort: list[type] = [typer.Abort]
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        usage.append(mod.ClickException)
+        abort.extend([mod.Abort] if hasattr(mod, "Abort") else [])
+    return tuple(usage), tuple(abort)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, turning user errors into one clean line on stderr."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -69,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         return int(code or 0)
     except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
+        usage, abort = _click_exceptions()
+        if isinstance(exc, usage):  # unknown command or option, bad option value: one line, exit 2
+            hint = " (see --help)" if exc.exit_code == 2 else ""
+            typer.echo(f"error: {exc.format_message()}{hint}", err=True)
             return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):  # click turns Ctrl-C into Abort
+        if isinstance(exc, abort):  # click turns Ctrl-C into Abort
             return _interrupted()
         if os.environ.get("NEURONHUNTER_DEBUG"):
             raise
