@@ -134,8 +134,7 @@ class Scanner:
 
     def new_state(self) -> ScanState:
         spec = stats_spec(self.cfg, self.categories)
-        return ScanState({layer: LayerStats(layer, self.n_neurons, spec, compile=self.cfg.compile_stats)
-                          for layer in self.layers})
+        return ScanState({layer: LayerStats(layer, self.n_neurons, spec) for layer in self.layers})
 
     def windows(self) -> Any:
         return iter_windows(self.corpus, self.model.tokenizer, context_length=self.cfg.context_length,
@@ -165,7 +164,7 @@ class Scanner:
         """Stream the corpus through the model, updating ``state`` (a fresh one by default)."""
         cfg, model = self.cfg, self.model
         state = state or self.new_state()
-        for ls in state.layers.values():  # also for a state loaded from a checkpoint
+        for ls in state.layers.values():  # fresh or loaded from a checkpoint
             ls.compile = cfg.compile_stats
         torch.manual_seed(cfg.seed)
         total = self.count_tokens() if progress is not None else None

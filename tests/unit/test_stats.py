@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuronhunter.stats import ConceptStats, Histogram, LayerStats, Moments, StatsSpec, TopK
+from neuronhunter.stats import ConceptStats, Histogram, LayerStats, Moments, PositionStats, StatsSpec, TopK
 
 
 def _ref_moments(x: np.ndarray):
@@ -289,3 +289,14 @@ def test_single_window_and_single_position_batches_need_no_recompilation():
             assert torch.allclose(fused.positions.sum, eager.positions.sum, atol=1e-4)
             assert torch.allclose(fused.moments.s2, eager.moments.s2, rtol=1e-5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1
+
+
+def test_position_stats_update_skips_padding():
+    acts, mask, _ = _batch(9)
+    ps = PositionStats(40, 9)
+    ps.update(acts, mask)
+    real = mask.bool()
+    for p in (0, 3, 8):
+        assert torch.allclose(ps.means()[p].float(), acts[real[:, p], p].mean(0), atol=1e-5)
+    assert ps.count.tolist() == real.sum(0).tolist()
+    assert torch.equal(ps.first_max, acts[:, 0].amax(0))
