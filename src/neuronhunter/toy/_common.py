@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import RunDirError
 from ..io import MANIFEST, write_json
@@ -47,6 +48,22 @@ def torch_threads(n: int) -> Iterator[None]:
     finally:
         if torch.get_num_threads() != old:
             torch.set_num_threads(old)
+
+
+class ToyRunConfig(BaseModel):
+    """Settings every toy experiment has: plots, device, CPU threads, overwrite (unknown keys rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    plots: bool = True
+    device: str = "cpu"
+    threads: int = Field(1, ge=0, description="CPU threads for torch during the run (0 = torch's default)")
+    overwrite: bool = False
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return resolve_device(v)
 
 
 def prepare_run_dir(out: str | Path, overwrite: bool, subdirs: tuple[str, ...]) -> Path:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 from torch import Tensor, nn
 
 from ..analysis.metrics import angular_distance, crs, mean_pairwise_angle, weight_entropy
@@ -63,10 +63,10 @@ from ..errors import ConfigError
 from ..io import atomic_path, write_json
 from ._common import (
     ProgressFn,
+    ToyRunConfig,
     clean_json,
     mean,
     prepare_run_dir,
-    resolve_device,
     std,
     torch_threads,
     write_manifest,
@@ -79,10 +79,8 @@ log = logging.getLogger(__name__)
 PHASE_TASKS = {1: "orientation", 2: "xor"}
 
 
-class MonopolyConfig(BaseModel):
+class MonopolyConfig(ToyRunConfig):
     """Configuration of the mono-to-poly experiment (``neuronhunter toy monopoly``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     out: Path = Field(Path("runs/toy-monopoly"), description="run folder")
     seeds: int = Field(5, ge=1, description="number of seeds (base_seed, base_seed+1, ...)")
@@ -107,15 +105,6 @@ class MonopolyConfig(BaseModel):
         16, ge=0, description="PNG files of train images saved under samples/ (first seed)"
     )
     checkpoint_every_epoch: bool = False
-    plots: bool = True
-    device: str = "cpu"
-    threads: int = Field(1, ge=0, description="CPU threads for torch during the run (0 = torch's default)")
-    overwrite: bool = False
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return resolve_device(v)
 
     def seed_list(self) -> list[int]:
         return list(range(self.base_seed, self.base_seed + self.seeds))

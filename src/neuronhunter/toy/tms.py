@@ -51,17 +51,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from ..errors import ConfigError
 from ..io import write_json
 from ._common import (
     ProgressFn,
+    ToyRunConfig,
     clean_json,
     mean,
     prepare_run_dir,
-    resolve_device,
     torch_threads,
     write_manifest,
 )
@@ -99,10 +99,8 @@ PAPER_FRACTIONS: dict[str, float] = {
 pentagon, square antiprism)."""
 
 
-class TMSConfig(BaseModel):
+class TMSConfig(ToyRunConfig):
     """Configuration of a toy-models-of-superposition run (``neuronhunter toy tms``)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     preset: str | None = Field(
         None, description="name of the preset these settings came from (informational)"
@@ -126,10 +124,6 @@ class TMSConfig(BaseModel):
     dim_tolerance: float = Field(0.02, gt=0, description="|D_i - fraction| counted as sticking to a fraction")
     pentagon_min_sparsity: float = Field(0.9, ge=0, lt=1)
     out: Path | None = Field(None, description="run folder (default runs/toy-tms-<preset>)")
-    plots: bool = True
-    device: str = "cpu"
-    threads: int = Field(1, ge=0, description="CPU threads for torch during the run (0 = torch's default)")
-    overwrite: bool = False
 
     @field_validator("sparsities")
     @classmethod
@@ -140,11 +134,6 @@ class TMSConfig(BaseModel):
         if bad:
             raise ValueError(f"sparsities must lie in [0, 1), got {bad}")
         return [float(s) for s in v]
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return resolve_device(v)
 
     @model_validator(mode="after")
     def _dims(self) -> TMSConfig:
