@@ -32,7 +32,7 @@ class ScanConfig(StrictModel):
     neurons_per_layer: int | None = Field(None, ge=1, description="scan only the first N neurons of each layer")
     top_k: int = Field(20, ge=1, description="top activating windows kept per neuron")
     context_length: int = Field(128, ge=2, le=8192, description="tokens per window, BOS included")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(16, ge=1)
     max_tokens: int | None = Field(None, ge=1, description="stop after this many corpus tokens")
     prepend_bos: bool = Field(True, description="prepend the model's BOS token to every window")
     include_first: bool = Field(False, description="count position 0 (BOS/first token) in statistics and top-k")

@@ -102,7 +102,7 @@ LayersOpt = Annotated[str | None, typer.Option(help="Layers to scan, e.g. '0,5,1
 NeuronsPerLayerOpt = Annotated[int | None, typer.Option(help="Scan only the first N neurons of each layer")]
 TopKOpt = Annotated[int | None, typer.Option(help="Top activating windows per neuron [default: 20]")]
 ContextLengthOpt = Annotated[int | None, typer.Option(help="Tokens per window incl. BOS [default: 128]")]
-BatchSizeOpt = Annotated[int | None, typer.Option(help="Windows per batch [default: 8]")]
+BatchSizeOpt = Annotated[int | None, typer.Option(help="Windows per batch [default: 16]")]
 MaxTokensOpt = Annotated[int | None, typer.Option(help="Stop after this many corpus tokens")]
 ThresholdOpt = Annotated[float | None, typer.Option(help="Active when activation > threshold [default: 0]")]
 BosOpt = Annotated[bool | None, typer.Option("--bos/--no-bos", help="Prepend the model's BOS token [default: yes]")]
