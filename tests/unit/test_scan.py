@@ -197,3 +197,23 @@ def test_deterministic(tiny_llama, corpus_dir):
     b = run_scan(cfg, model=tiny_llama, write=False)
     pd.testing.assert_frame_equal(a.neurons_frame(), b.neurons_frame())
     pd.testing.assert_frame_equal(a.examples_frame(), b.examples_frame())
+
+
+def test_batch_size_does_not_change_results(tiny_llama, corpus_dir):
+    """Statistics are per token and per window: how windows are grouped into batches (and padded) changes only
+    the float rounding of the sums, never counts, histograms, maxima or the top-k windows."""
+    states = [run_scan(ScanConfig(model="tiny", corpus=str(corpus_dir), layers=[0, 1], context_length=6, top_k=3,
+                                  batch_size=bs), model=tiny_llama, write=False).state for bs in (1, 3, 8)]
+    ref = states[0]
+    assert ref.n_windows > 8  # the largest batch size sees more than one batch
+    for st in states[1:]:
+        assert st.tokens == ref.tokens and st.n_windows == ref.n_windows
+        for L in (0, 1):
+            a, b = st.layers[L], ref.layers[L]
+            assert a.moments.count == b.moments.count
+            assert torch.equal(a.moments.active, b.moments.active)
+            assert torch.equal(a.hist.counts, b.hist.counts)
+            assert torch.allclose(a.moments.s2, b.moments.s2, rtol=1e-4, atol=1e-5)
+            assert torch.allclose(a.moments.max, b.moments.max, atol=1e-5)
+            assert torch.equal(a.topk.window, b.topk.window) and torch.equal(a.topk.pos, b.topk.pos)
+            assert torch.allclose(a.positions.sum, b.positions.sum, atol=1e-4)

@@ -178,6 +178,14 @@ class Histogram:
         return obj
 
 
+def _best(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest of each column and their rows; ties go to the earlier row (a stable sort, where ``topk``
+    leaves the order of ties to the memory layout). Held entries come before new ones, and new windows in order,
+    so the earlier window wins a tie however the windows were batched."""
+    top, idx = values.T.contiguous().sort(dim=1, descending=True, stable=True)  # along rows: ~30% faster
+    return top[:, :k].T.contiguous(), idx[:, :k].T.contiguous()
+
+
 class TopK:
     """The ``k`` windows with the highest per-window maximum, per neuron.
 
@@ -207,7 +215,7 @@ class TopK:
             return
         cols = torch.nonzero(better).view(-1)
         ids = window_ids.view(-1, 1).cpu().expand(-1, n)
-        top, idx = torch.cat([self.values[:, cols], wmax[:, cols]]).topk(self.k, dim=0)
+        top, idx = _best(torch.cat([self.values[:, cols], wmax[:, cols]]), self.k)
         new_pos = wpos.cpu()[:, cols].to(torch.int32)
         self.window[:, cols] = torch.cat([self.window[:, cols], ids]).gather(0, idx)
         self.pos[:, cols] = torch.cat([self.pos[:, cols], new_pos]).gather(0, idx)
@@ -218,8 +226,7 @@ class TopK:
         return self
 
     def _merge_rows(self, values: Tensor, window: Tensor, pos: Tensor) -> None:
-        vals = torch.cat([self.values, values])
-        top, idx = vals.topk(self.k, dim=0)
+        top, idx = _best(torch.cat([self.values, values]), self.k)
         self.window = torch.cat([self.window, window]).gather(0, idx)
         self.pos = torch.cat([self.pos, pos.to(torch.int32)]).gather(0, idx)
         self.values = top
