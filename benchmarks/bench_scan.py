@@ -5,9 +5,10 @@ scanned layer and (b) the full scan with every statistic (which ends its pass on
 are read, skipping that layer's down-projection) (moments, histogram, top-k windows, position stats, and
 concept stats with ``--concepts``), alternating the two for several rounds; the ratio is the median of the
 per-round ratios (each scan round against the forward round just before it), so a busy spell slows both sides of
-a pair alike. Then it measures peak memory (RSS) of scans over 1x and 4x the tokens (the bundled corpus repeated as
-often as needed) in fresh subprocesses: the whole process's peak, and the scan's own peak after a one-batch warm-up
-(model loaded, kernel compiled; Linux). The last line is ``scan/forward ratio: X.XX``.
+a pair alike. Then it measures memory (RSS) of scans over 1x and 4x the tokens (the bundled corpus repeated as
+often as needed) in fresh subprocesses: the whole process's peak, the scan's own peak after a one-batch warm-up
+(model loaded, kernel compiled; Linux) and the memory held at the end (after ``malloc_trim``). The last line is
+``scan/forward ratio: X.XX``.
 
     python benchmarks/bench_scan.py                      # embedded model, all 30 layers, CPU
     python benchmarks/bench_scan.py --device cuda --dtype bfloat16 --tokens 65536
@@ -54,13 +55,9 @@ def reset_peak() -> bool:
 def held_mb() -> float | None:
     """RSS once glibc has returned its free pages to the system (``malloc_trim``): the memory actually held,
     without the allocator's slack, which varies from run to run by ~10%."""
-    try:
-        import ctypes
+    from neuronhunter.scan import release_free_memory
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        return None
-    return _status_mb("VmRSS")
+    return _status_mb("VmRSS") if release_free_memory() else None
 
 
 def repeated_corpus(tokens: int, folder: str) -> str:
@@ -69,7 +66,7 @@ def repeated_corpus(tokens: int, folder: str) -> str:
 
     docs = [d.text for d in Corpus(None)]
     words = sum(len(t.split()) for t in docs)
-    copies = max(1, -(-2 * tokens // max(words, 1)))  # tokens > words: 2x words per token is ample
+    copies = max(1, -(-2 * tokens // max(words, 1)))  # a word is at least one token: twice the words is ample
     path = f"{folder}/corpus.jsonl"
     with open(path, "w", encoding="utf-8") as fh:
         for _ in range(copies):
@@ -91,16 +88,16 @@ def child(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = repeated_corpus(args.child_tokens, tmp)
         model = load_model(args.model, device=args.device, dtype=args.dtype)
+        labeller = None
+        if args.concepts:
+            from neuronhunter.data.concepts import ConceptLabeller
+
+            labeller = ConceptLabeller()
 
         def scan(tokens: int):
             cfg = ScanConfig(model=args.model, corpus=corpus, max_tokens=tokens, context_length=args.context_length,
                              batch_size=args.batch_size, device=args.device, dtype=args.dtype,
                              compile_stats=args.compile, concepts="default" if args.concepts else None)
-            labeller = None
-            if args.concepts:
-                from neuronhunter.data.concepts import ConceptLabeller
-
-                labeller = ConceptLabeller()
             return Scanner(model, cfg, labeller).run()
 
         scan(args.batch_size * args.context_length)

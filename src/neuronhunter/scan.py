@@ -12,8 +12,8 @@ Data flow::
 
 Memory does not grow with the corpus: the accumulators are sized by layers x neurons x (k, bins, categories), and
 the tokens of a window are kept only while some neuron's top-k refers to it. After each batch the memory the C
-allocator holds free is handed back (glibc ``malloc_trim``), so the peak RSS stays flat instead of varying by the
-allocator's slack from run to run.
+allocator holds free is handed back (glibc ``malloc_trim``), which lowers the peak RSS and most of its run-to-run
+variation (the allocator's slack).
 """
 
 from __future__ import annotations
@@ -230,8 +230,9 @@ class Scanner:
 _malloc_trim: Any = None
 
 
-def release_free_memory() -> None:
-    """Hand memory the C allocator holds free back to the system (glibc ``malloc_trim``; elsewhere a no-op)."""
+def release_free_memory() -> bool:
+    """Hand memory the C allocator holds free back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+    Returns whether it could."""
     global _malloc_trim
     if _malloc_trim is None:
         _malloc_trim = False
@@ -244,6 +245,7 @@ def release_free_memory() -> None:
                 pass
     if _malloc_trim:
         _malloc_trim(0)
+    return bool(_malloc_trim)
 
 
 def environment(compile_stats: bool = True) -> dict[str, str]:
