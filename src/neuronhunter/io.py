@@ -20,6 +20,17 @@ from .errors import RunDirError
 MANIFEST = "manifest.json"
 
 
+def cache_dir() -> Path:
+    """Where converted models, tokenizer files and built helpers are kept: ``$NEURONHUNTER_CACHE`` or the
+    platform user cache."""
+    env = os.environ.get("NEURONHUNTER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("neuronhunter"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""

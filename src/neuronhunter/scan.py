@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,12 +164,28 @@ class Scanner:
         checkpoint_extra: dict[str, Any] | None = None,
     ) -> ScanState:
         """Stream the corpus through the model, updating ``state`` (a fresh one by default)."""
-        cfg, model = self.cfg, self.model
         state = state or self.new_state()
+        total = self.count_tokens() if progress is not None else None
+        for _ in self.steps(state, checkpoint=checkpoint, checkpoint_extra=checkpoint_extra):
+            if progress is not None:
+                progress(state.tokens, total)
+        return state
+
+    def steps(
+        self,
+        state: ScanState,
+        *,
+        checkpoint: Path | None = None,
+        checkpoint_extra: dict[str, Any] | None = None,
+    ) -> Iterator[ScanState]:
+        """:meth:`run` one batch at a time: updates ``state`` and yields it after each batch; once the corpus is
+        done, the windows no top-k refers to are pruned before the iteration ends. The hooks are registered only
+        while a batch runs, so between steps the model is the caller's (the benchmark times a bare forward pass
+        there)."""
+        cfg, model = self.cfg, self.model
         for ls in state.layers.values():  # fresh or loaded from a checkpoint
             ls.compile = cfg.compile_stats
         torch.manual_seed(cfg.seed)
-        total = self.count_tokens() if progress is not None else None
         current: dict[str, Any] = {}
         n = self.n_neurons
 
@@ -191,35 +207,30 @@ class Scanner:
         skip = state.batches_done
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         prune_every = 16
-        done_tokens = state.tokens
-        with torch.inference_mode(), model.hooks(fns):  # forward(stop_at_layer=...) ends the pass
-            batches = iter_batches(self.windows(), batch_size=cfg.batch_size, pad_token_id=pad,
-                                   has_bos=self.bos is not None,
-                                   n_categories=len(self.categories) if self.labeller is not None else None)
-            for index, (batch, wins) in enumerate(batches):
-                if index < skip:  # resuming: these batches are already in the state
-                    continue
-                dev = model.device
-                current["mask"] = batch.attention_mask.to(dev)
-                current["wids"] = batch.window_ids
-                current["labels"] = batch.labels.to(dev) if batch.labels is not None else None
+        batches = iter_batches(self.windows(), batch_size=cfg.batch_size, pad_token_id=pad,
+                               has_bos=self.bos is not None,
+                               n_categories=len(self.categories) if self.labeller is not None else None)
+        for index, (batch, wins) in enumerate(batches):
+            if index < skip:  # resuming: these batches are already in the state
+                continue
+            dev = model.device
+            current["mask"] = batch.attention_mask.to(dev)
+            current["wids"] = batch.window_ids
+            current["labels"] = batch.labels.to(dev) if batch.labels is not None else None
+            with torch.inference_mode(), model.hooks(fns):  # forward(stop_at_layer=...) ends the pass
                 model.forward(batch.input_ids, current["mask"], stop_at_layer=stop)
-                self._store(state, wins)
-                release_free_memory()
-                real = batch.n_tokens - (len(wins) if self.bos is not None else 0)
-                state.tokens += real
-                state.n_windows += len(wins)
-                state.batches_done = index + 1
-                done_tokens += real
-                if state.batches_done % prune_every == 0:
-                    state.prune_windows()
-                if checkpoint is not None and cfg.checkpoint_every and state.batches_done % cfg.checkpoint_every == 0:
-                    state.prune_windows()
-                    save_state(state, checkpoint, checkpoint_extra)
-                if progress is not None:
-                    progress(done_tokens, total)
+            self._store(state, wins)
+            release_free_memory()
+            state.tokens += batch.n_tokens - (len(wins) if self.bos is not None else 0)
+            state.n_windows += len(wins)
+            state.batches_done = index + 1
+            if state.batches_done % prune_every == 0:
+                state.prune_windows()
+            if checkpoint is not None and cfg.checkpoint_every and state.batches_done % cfg.checkpoint_every == 0:
+                state.prune_windows()
+                save_state(state, checkpoint, checkpoint_extra)
+            yield state
         state.prune_windows()
-        return state
 
     @staticmethod
     def _store(state: ScanState, wins: list[Window]) -> None:
@@ -248,14 +259,16 @@ def release_free_memory() -> bool:
     return bool(_malloc_trim)
 
 
-def environment(compile_stats: bool = True) -> dict[str, str]:
+def environment(compile_stats: bool = True, device: torch.device | str = "cpu") -> dict[str, str]:
     import transformers
 
     from .stats.kernels import compile_enabled
+    from .stats.native import used_by_scan
 
     return {"neuronhunter": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "threads": str(torch.get_num_threads()),
-            "stats_kernel": "torch.compile" if compile_enabled(compile_stats) else "eager"}
+            "stats_kernel": "torch.compile" if compile_enabled(compile_stats) else "eager",
+            "histograms": "native" if used_by_scan(compile_stats, device) else "bincount"}
 
 
 def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
@@ -331,7 +344,7 @@ def run_scan(
     timings["tokens_per_s"] = state.tokens / max(timings["scan_s"], 1e-9)
     result = ScanResult(model=model, config=cfg, state=state, categories=scanner.categories,
                         corpus_sha256=scanner.corpus.sha256, n_docs=scanner.corpus.n_docs,
-                        bos_token_id=scanner.bos, timings=timings, environment=environment(cfg.compile_stats))
+                        bos_token_id=scanner.bos, timings=timings, environment=environment(cfg.compile_stats, model.device))
     if write:
         t2 = time.perf_counter()
         result.write(out)

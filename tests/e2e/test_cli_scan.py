@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from neuronhunter.cli.main import main
+from neuronhunter.stats import native
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def test_scan_cli_writes_run(tiny_folder, text_file, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["source"] == "local" and manifest["context_length"] == 32
     assert manifest["versions"]["stats_kernel"] == "torch.compile"
+    assert manifest["versions"]["histograms"] == ("native" if native.library() is not None else "bincount")
     # a second run refuses to clobber it
     assert main(["scan", "--model", str(tiny_folder), "--corpus", str(text_file), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -46,7 +48,8 @@ def test_scan_without_compile_gives_the_same_tables(tiny_folder, text_file, tmp_
             "--layers", "1", "--formats", "parquet"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "b"), "--no-compile"]) == 0
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["versions"]["stats_kernel"] == "eager"
+    versions = json.loads((tmp_path / "b" / "manifest.json").read_text())["versions"]
+    assert versions["stats_kernel"] == "eager" and versions["histograms"] == "bincount"
     a, b = (pd.read_parquet(tmp_path / r / "neurons.parquet") for r in "ab")
     pd.testing.assert_frame_equal(a.drop(columns=["hist"]), b.drop(columns=["hist"]), rtol=1e-4, atol=1e-5)
     assert (a["hist"].map(list) == b["hist"].map(list)).all()

@@ -254,7 +254,7 @@ def test_compile_failure_falls_back_to_eager_once(monkeypatch, caplog):
         calls["n"] += 1
         raise RuntimeError("no C++ compiler found\nlong details")
 
-    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_compile_failed", False)
     monkeypatch.setattr(torch, "compile", broken_compile)
     acts, mask, _ = _batch(7)

@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..errors import ModelLoadError
+from ..io import cache_dir
 from .hooked import HookedModel
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,6 @@ HUB_ALIASES = {
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def cache_dir() -> Path:
-    """Where converted models are kept: ``$NEURONHUNTER_CACHE`` or the platform user cache."""
-    env = os.environ.get("NEURONHUNTER_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("neuronhunter"))
 
 
 def resolve_device(device: str | None) -> torch.device:

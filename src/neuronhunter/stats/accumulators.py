@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import native as _native
 from .kernels import bin_index
 
 F64 = torch.float64
@@ -140,22 +141,35 @@ class Histogram:
         """Flat index that :meth:`add_bins` ignores (for tokens that do not count)."""
         return self.d * (self.n_bins + 2)
 
+    def scalars(self) -> tuple[float, float, float]:
+        """``(scale, shift, top)``: the bin of ``v`` is ``floor(clamp(v * scale + shift, 0, top))`` (in float32)."""
+        scale = self.n_bins / (self.hi - self.lo)
+        return scale, 1.0 - self.lo * scale, self.n_bins + 1.5
+
     def constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(scale, shift, top, offsets)`` for :func:`~neuronhunter.stats.kernels.bin_index` on ``device``."""
         if self._constants is None or self._constants[0].device != device:
-            nb = self.n_bins + 2
-            scale = self.n_bins / (self.hi - self.lo)
             wide = self.trash >= 2**31
             self._constants = (
-                torch.tensor(scale, device=device), torch.tensor(1.0 - self.lo * scale, device=device),
-                torch.tensor(nb - 0.5, device=device),
-                torch.arange(self.d, device=device, dtype=torch.int64 if wide else torch.int32) * nb,
+                *(torch.tensor(c, device=device) for c in self.scalars()),
+                torch.arange(self.d, device=device, dtype=torch.int64 if wide else torch.int32) * (self.n_bins + 2),
             )
         return self._constants
 
     def update(self, x: Tensor) -> None:
         """Add ``x: [..., d]``."""
         self.add_bins(bin_index(x, *self.constants(x.device)).reshape(-1))
+
+    def add_masked(self, x: Tensor, keep: Tensor, *, native: bool = True) -> None:
+        """Add the rows of ``x [..., d]`` where ``keep [...]`` is True: on CPU by the native loop of
+        :mod:`~neuronhunter.stats.native` when it is available and ``native`` is set (no index tensor, neurons
+        split over torch's threads), else by :func:`bin_index` and one ``bincount``. Both count identically."""
+        if native and _native.usable(x):
+            _native.add_histogram(self.counts, x, keep, *self.scalars())
+            return
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # bins computed in float32, as natively
+        bins = torch.where(keep.unsqueeze(-1), bin_index(x, *self.constants(x.device)), self.trash)
+        self.add_bins(bins.reshape(-1))
 
     def add_bins(self, bins: Tensor) -> None:
         """Add flat indices ``bin + (n_bins + 2) * neuron``; entries equal to :attr:`trash` are not counted."""

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .accumulators import ConceptStats, Histogram, Moments, PositionStats, TopK
 from .kernels import reduce_batch
+from .native import usable as native_histogram_usable
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,20 @@ class LayerStats:
         if not self.spec.include_first:
             keep[:, 0] = False
         n = int(keep.sum())
+        # compiled statistics on CPU: the histograms come from the native loop, which reads the activations
+        # itself, so the fused kernel need not write a bin index for every activation
+        native = self.compile and native_histogram_usable(acts)
         r = reduce_batch(acts, keep, (self._threshold(acts.device), *self.hist.constants(acts.device)),
-                         self.hist.trash, compile=self.compile)
+                         self.hist.trash, compile=self.compile, with_bins=not native)
         first = acts[:, 0][real[:, 0]].float()  # the sequence starters, tracked whether counted or not
         self.positions.add(r.pos_sums, real, first, counted_first=self.spec.include_first)
         if n == 0:
             return
         self.moments.add(n, r.pos_sums.sum(0), r.s2, r.s3, r.s4, r.vmin, r.wmax.amax(0), r.active)
-        self.hist.add_bins(r.bins)
+        if native:
+            self.hist.add_masked(acts, keep)
+        else:
+            self.hist.add_bins(r.bins)
         self.topk.update(r.wmax, r.wpos, window_ids)
         if self.concepts is not None and labels is not None:
             self.concepts.update(acts.reshape(b * t, d).float(), labels.reshape(b * t, -1).to(acts.device),
