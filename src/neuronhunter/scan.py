@@ -184,7 +184,7 @@ class Scanner:
         there)."""
         cfg, model = self.cfg, self.model
         for ls in state.layers.values():  # fresh or loaded from a checkpoint
-            ls.compile = cfg.compile_stats
+            ls.compile, ls.full_batch = cfg.compile_stats, (cfg.batch_size, cfg.context_length)
         torch.manual_seed(cfg.seed)
         current: dict[str, Any] = {}
         n = self.n_neurons

@@ -110,8 +110,9 @@ def test_native_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
     assert nat.library() is not None and built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
 
 
-def test_large_batches_use_a_shape_specialised_kernel_equal_to_eager():
-    """Batches of >= 2**20 activations get a kernel compiled for their shape; its results equal the eager ones."""
+def test_full_batches_use_a_shape_specialised_kernel_equal_to_eager():
+    """Batches of a scan's full-batch shape with >= 2**20 activations get a kernel compiled for that shape (other
+    shapes run the dynamic one); its results equal the eager ones."""
     from neuronhunter.stats import kernels
 
     g = torch.Generator().manual_seed(7)
@@ -120,13 +121,29 @@ def test_large_batches_use_a_shape_specialised_kernel_equal_to_eager():
     mask = torch.ones(b, t, dtype=torch.long)
     mask[2, 9:] = 0
     spec = StatsSpec(top_k=2, n_positions=t)
-    fused, eager = LayerStats(0, d, spec), LayerStats(0, d, spec, compile=False)
-    fused.update(acts, mask, torch.arange(b))
-    eager.update(acts, mask, torch.arange(b))
-    assert ((b, t, d), acts.stride(), acts.dtype, acts.device, not nat.usable(acts)) in kernels._static_shapes
+    fused, eager = LayerStats(0, d, spec, full_batch=(b, t)), LayerStats(0, d, spec, compile=False)
+    key = ((b, t, d), acts.stride(), acts.dtype, acts.device, not nat.usable(acts))
+    for step, batch in enumerate((acts[:3], acts)):  # a smaller batch first: no specialised kernel for it
+        fused.update(batch, mask[: len(batch)], torch.arange(len(batch)) + b * step)
+        eager.update(batch, mask[: len(batch)], torch.arange(len(batch)) + b * step)
+        assert (key in kernels._static_shapes) == (step == 1)
+        assert not any(k[0] == (3, t, d) for k in kernels._static_shapes)
     assert torch.equal(fused.hist.counts, eager.hist.counts)
     assert torch.equal(fused.topk.window, eager.topk.window) and torch.equal(fused.topk.pos, eager.topk.pos)
     assert torch.equal(fused.moments.max, eager.moments.max) and torch.equal(fused.moments.min, eager.moments.min)
     assert torch.equal(fused.moments.active, eager.moments.active)
     assert torch.allclose(fused.moments.s2, eager.moments.s2, rtol=1e-5)
     assert torch.allclose(fused.positions.sum, eager.positions.sum, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("compile_stats", [True, False])
+def test_a_nan_activation_is_counted_as_underflow_not_a_crash(compile_stats):
+    """``bincount`` used to reject the garbage index a NaN became; now a NaN lands in the underflow bin."""
+    acts = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(9))
+    acts[1, 4, 2] = float("nan")
+    mask = torch.ones(3, 8, dtype=torch.long)
+    ls = LayerStats(0, 16, StatsSpec(top_k=2, n_positions=8), compile=compile_stats)
+    ls.update(acts, mask, torch.arange(3))
+    counted = acts[:, 1:]  # position 0 is not counted
+    assert int(ls.hist.counts[2, 0]) == 1 + int((counted[..., 2] < -2).sum())
+    assert int(ls.hist.counts.sum()) == counted.numel()

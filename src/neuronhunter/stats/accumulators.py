@@ -13,7 +13,8 @@ Shapes (for ``x: [tokens, d]``, the activations of the tokens that count):
 * moments: ``x.sum(0)`` and power sums of ``x*x`` reduced per batch in float32, accumulated in float64;
 * fraction active: ``(x > threshold).sum(0)``;
 * histogram of every neuron at once: bin index ``floor((x - lo) / width)`` clamped to under/overflow bins, then
-  one ``bincount`` over ``bin + (n_bins + 2) * neuron`` (no loop over neurons);
+  one ``bincount`` over ``bin + (n_bins + 2) * neuron`` (no loop over neurons); on CPU the scan counts with the
+  native loop of :mod:`~neuronhunter.stats.native` instead (``add_masked``), with identical counts;
 * per-category sums: ``labels.T @ x`` (``[categories, d]``) in one matmul, plus label counts;
 * top-k windows: each window is reduced to its maximum first (``[windows, d]``), then, for the neurons where some
   window beats the current k-th, merged with the running top-k by one ``topk`` over the concatenation; only

@@ -2,18 +2,20 @@
 
 :func:`batch_reduce` turns one batch of activations ``[windows, pos, d]`` and the mask of the tokens that count
 into the small per-batch quantities the accumulators add up: per-window maxima and their positions (top-k), the
-minimum, per-position sums, power sums up to the 4th, the count above the threshold, and every token's histogram
-bin. Run eagerly that is some twenty passes over the batch, each a few MB of memory traffic per layer; compiled
-(inductor: C++/OpenMP on CPU, Triton on CUDA) the element-wise work fuses into a few loops that read the batch a
-few times. On the embedded model on CPU (2 threads) the whole scan runs at ~0.91 of a bare forward pass compiled
-and ~0.83 eager (``benchmarks/bench_scan.py``).
+minimum, per-position sums, power sums up to the 4th, the count above the threshold, and (where the histograms are
+not filled natively, :mod:`~neuronhunter.stats.native`) every token's histogram bin. Run eagerly that is some
+twenty passes over the batch, each a few MB of memory traffic per layer; compiled (inductor: C++/OpenMP on CPU,
+Triton on CUDA) the element-wise work fuses into a few loops that read the batch a few times.
 
-The compiled function is built on first use (a few seconds; inductor caches it on disk for later processes) with
-dynamic shapes, so batches of any size reuse it (batches of one window or one position are padded with uncounted
-tokens, since size-1 dims would make a specialised copy). Where compilation is not possible (no C++ compiler, an
-unsupported platform) the first failure is logged once and the same function runs eagerly. Compiled and eager
-results agree up to the float rounding of the sums (the summation order differs); counts, maxima and positions are
-identical.
+The compiled functions are built on first use (seconds; inductor caches them on disk for later processes): one
+specialised to the exact shape of large batches (at least 2**20 activations, up to a few shapes per process: a
+scan's full batches all have one shape), which on CPU runs about twice as fast as the other, compiled with
+dynamic shapes, that serves every other batch (last batches, small scans). Batches of one window or one position
+are padded with uncounted tokens, since size-1 dims would make a specialised copy. Where compilation is not
+possible (no C++ compiler, an unsupported platform) the first failure is logged once and the same function runs
+eagerly. Compiled and eager results agree up to the float rounding of the sums (the summation order differs);
+counts, maxima and positions are identical. ``benchmarks/bench_scan.py`` measures the whole scan against a bare
+forward pass.
 """
 
 from __future__ import annotations
@@ -89,10 +91,10 @@ def _reduce_dynamic(*args: object) -> BatchSums:
     return batch_reduce(*args)  # type: ignore[arg-type]
 
 
-# Batches of at least this many activations get a kernel compiled for their exact shape, which runs about twice as
-# fast as the shape-generic one (3.1 vs 1.5 ms for 16x128x1536 on 2 CPU threads); a scan has one such shape (its
-# full batches), a few more are allowed per process (each costs seconds of compilation, cached on disk). The rest
-# (last batches, small scans, tests) share the dynamic-shape kernel.
+# A scan's full batches all have one shape; when they hold at least this many activations they get a kernel compiled
+# for that shape, which runs about twice as fast as the shape-generic one (1.5 vs 3.1 ms for 16x128x1536 on 2 CPU
+# threads). A few such shapes are allowed per process (each costs seconds of compilation, cached on disk);
+# everything else (a scan's last batch, small scans, tests) runs the dynamic-shape kernel.
 STATIC_MIN_ELEMENTS = 1 << 20
 STATIC_MAX_SHAPES = 4
 _static_shapes: set[tuple[object, ...]] = set()
@@ -105,11 +107,13 @@ def compile_enabled(requested: bool = True) -> bool:
     return requested and not _compile_failed and os.environ.get("NEURONHUNTER_COMPILE", "1") not in ("0", "false")
 
 
-def _kernel(x: Tensor, with_bins: bool) -> Callable[..., BatchSums]:
-    """The compiled function for this batch: shape-specialised for large batches (up to a few shapes), else
-    shape-generic. Two separate functions, since dynamo keeps its compiled code per function."""
+def _kernel(x: Tensor, with_bins: bool, specialise: bool) -> Callable[..., BatchSums]:
+    """The compiled function for this batch: shape-specialised where asked for and worth it (large, one of the
+    first few shapes), else shape-generic. Two separate functions, since dynamo keeps its compiled code per
+    function."""
     key = (tuple(x.shape), x.stride(), x.dtype, x.device, with_bins)
-    static = x.numel() >= STATIC_MIN_ELEMENTS and (key in _static_shapes or len(_static_shapes) < STATIC_MAX_SHAPES)
+    static = key in _static_shapes or (
+        specialise and x.numel() >= STATIC_MIN_ELEMENTS and len(_static_shapes) < STATIC_MAX_SHAPES)
     if static:
         _static_shapes.add(key)
     kind = "static" if static else "dynamic"
@@ -119,20 +123,21 @@ def _kernel(x: Tensor, with_bins: bool) -> Callable[..., BatchSums]:
 
 
 def reduce_batch(x: Tensor, keep: Tensor, constants: tuple[Tensor, ...], trash: int, *, compile: bool = True,
-                 with_bins: bool = True) -> BatchSums:
-    """:func:`batch_reduce`, compiled when possible (see the module docstring)."""
+                 with_bins: bool = True, specialise: bool = False) -> BatchSums:
+    """:func:`batch_reduce`, compiled when possible (see the module docstring); ``specialise`` says that many
+    batches of this shape will follow (a scan's full batches), so a kernel compiled for it pays off."""
     global _compile_failed
     if compile_enabled(compile):
         try:
             b, t = keep.shape
             if b > 1 and t > 1:
-                return _kernel(x, with_bins)(x, keep, *constants, trash, with_bins)
+                return _kernel(x, with_bins, specialise)(x, keep, *constants, trash, with_bins)
             # size-1 dims get a specialised recompilation (seconds, and memory that stays); pad instead with
             # tokens that do not count: they add nothing, and their outputs are cut off again
             pad_b, pad_t = int(b == 1), int(t == 1)
             x = torch.nn.functional.pad(x, (0, 0, 0, pad_t, 0, pad_b))
             keep = torch.nn.functional.pad(keep, (0, pad_t, 0, pad_b), value=False)
-            r = _kernel(x, with_bins)(x, keep, *constants, trash, with_bins)
+            r = _kernel(x, with_bins, False)(x, keep, *constants, trash, with_bins)
             return r._replace(wmax=r.wmax[:b], wpos=r.wpos[:b], pos_sums=r.pos_sums[:t])
         except Exception as exc:  # inductor needs a C++ compiler on CPU and Triton on CUDA
             _compile_failed = True

@@ -35,8 +35,10 @@ class StatsSpec:
 class LayerStats:
     """All accumulators of one layer (``d`` neurons)."""
 
-    def __init__(self, layer: int, d: int, spec: StatsSpec, *, compile: bool = True) -> None:
+    def __init__(self, layer: int, d: int, spec: StatsSpec, *, compile: bool = True,
+                 full_batch: tuple[int, int] | None = None) -> None:
         self.layer, self.d, self.spec, self.compile = layer, d, spec, compile
+        self.full_batch = full_batch  # (windows, positions) of the batches most updates have (a scan's full ones)
         self._thr: Tensor | None = None
         self.moments = Moments(d, spec.threshold)
         self.hist = Histogram(d, spec.hist_lo, spec.hist_hi, spec.hist_bins)
@@ -63,7 +65,8 @@ class LayerStats:
         # itself, so the fused kernel need not write a bin index for every activation
         native = self.compile and native_histogram_usable(acts)
         r = reduce_batch(acts, keep, (self._threshold(acts.device), *self.hist.constants(acts.device)),
-                         self.hist.trash, compile=self.compile, with_bins=not native)
+                         self.hist.trash, compile=self.compile, with_bins=not native,
+                         specialise=(b, t) == self.full_batch)
         first = acts[:, 0][real[:, 0]].float()  # the sequence starters, tracked whether counted or not
         self.positions.add(r.pos_sums, real, first, counted_first=self.spec.include_first)
         if n == 0:
