@@ -225,7 +225,7 @@ def main() -> None:
         print(f"peak RSS, whole process (load, compile, scan): 1x ({a['tokens']:,} tokens) {a['peak_rss_mb']:.0f} MB; "
               f"4x ({b['tokens']:,} tokens) {b['peak_rss_mb']:.0f} MB; 4x/1x = {b['peak_rss_mb'] / a['peak_rss_mb']:.3f}")
         if a["scan_peak_mb"] and b["scan_peak_mb"]:
-            print(f"peak RSS of the scan after a one-batch warm-up: 1x {a['scan_peak_mb']:.0f} MB; "
+            print(f"peak RSS of the scan after the warm-up: 1x {a['scan_peak_mb']:.0f} MB; "
                   f"4x {b['scan_peak_mb']:.0f} MB; 4x/1x = {b['scan_peak_mb'] / a['scan_peak_mb']:.3f}")
         if a["held_mb"] and b["held_mb"]:
             print(f"held at the end (RSS after malloc_trim, scan state alive): 1x {a['held_mb']:.0f} MB; "
