@@ -8,9 +8,9 @@ twenty passes over the batch, each a few MB of memory traffic per layer; compile
 Triton on CUDA) the element-wise work fuses into a few loops that read the batch a few times.
 
 The compiled functions are built on first use (seconds; inductor caches them on disk for later processes): one
-specialised to the exact shape of large batches (at least 2**20 activations, up to a few shapes per process: a
-scan's full batches all have one shape), which on CPU runs about twice as fast as the other, compiled with
-dynamic shapes, that serves every other batch (last batches, small scans). Batches of one window or one position
+specialised to the shape of a scan's full batches (when they hold at least 2**20 activations; a few such shapes
+per process), which on CPU runs about twice as fast as the other, compiled with dynamic shapes, that serves every
+other batch (last batches, small scans). Batches of one window or one position
 are padded with uncounted tokens, since size-1 dims would make a specialised copy. Where compilation is not
 possible (no C++ compiler, an unsupported platform) the first failure is logged once and the same function runs
 eagerly. Compiled and eager results agree up to the float rounding of the sums (the summation order differs);

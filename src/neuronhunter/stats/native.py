@@ -22,7 +22,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
@@ -61,22 +60,17 @@ def _torch_uses_gomp() -> bool:
 
 def _build(cc: str, target: Path, variants: tuple[list[str], ...]) -> None:
     """Compile ``histogram.c`` into ``target`` (atomically) with the first of the flag ``variants`` that builds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    from ..io import atomic_path
+
+    with atomic_path(target) as tmp:
         errors = []
         for flags in variants:
-            cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", *flags, str(SOURCE), "-o", tmp]
+            cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", *flags, str(SOURCE), "-o", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
-                os.replace(tmp, target)
                 return
             errors.append((proc.stderr or proc.stdout).strip().splitlines()[:1])
         raise OSError(f"{Path(cc).name} failed: {errors[0][0] if errors[0] else 'no output'}")
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _load() -> ctypes.CDLL:
