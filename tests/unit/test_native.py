@@ -147,3 +147,20 @@ def test_a_nan_activation_is_counted_as_underflow_not_a_crash(compile_stats):
     counted = acts[:, 1:]  # position 0 is not counted
     assert int(ls.hist.counts[2, 0]) == 1 + int((counted[..., 2] < -2).sum())
     assert int(ls.hist.counts.sum()) == counted.numel()
+
+
+def test_compiled_kernel_index_path_equals_eager_when_native_is_off(monkeypatch):
+    """The path CUDA takes (and CPU without a C compiler): the fused kernel writes the histogram index, bincount
+    counts it."""
+    monkeypatch.setenv("NEURONHUNTER_NATIVE", "0")
+    x, bins = _values(11, (5, 12, 48))
+    mask = torch.ones(5, 12, dtype=torch.long)
+    mask[3, 7:] = 0
+    spec = StatsSpec(top_k=2, n_positions=12)
+    fused, eager = LayerStats(0, 48, spec), LayerStats(0, 48, spec, compile=False)
+    fused.update(x, mask, torch.arange(5))
+    eager.update(x, mask, torch.arange(5))
+    keep = mask.bool().numpy().copy()
+    keep[:, 0] = False
+    np.testing.assert_array_equal(fused.hist.counts.numpy(), _numpy_counts(bins, keep, 62))
+    assert torch.equal(fused.hist.counts, eager.hist.counts) and torch.equal(fused.topk.pos, eager.topk.pos)
