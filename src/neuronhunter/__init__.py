@@ -26,7 +26,7 @@ _EXPORTS: dict[str, str] = {
     "ScanConfig": "neuronhunter.config",
     "run_scan": "neuronhunter.scan",
     "Scanner": "neuronhunter.scan",
-    "ScanState": "neuronhunter.scan",
+    "ScanState": "neuronhunter.stats.state",
     "ScanResult": "neuronhunter.results",
     "Corpus": "neuronhunter.data.corpus",
     "ConceptLabeller": "neuronhunter.data.concepts",

@@ -49,7 +49,10 @@ class ScanConfig(StrictModel):
                                 "to eager PyTorch where compiling is not possible)")
     seed: int = 0
     checkpoint_every: int = Field(50, ge=0, description="save a resumable checkpoint every N batches (0 = never)")
-    formats: list[str] = Field(["parquet", "csv", "json"], description="table formats to write")
+    formats: list[str] = Field(["parquet"], description="formats of the big tables (parquet, plus csv/json on "
+                               "request; `neuronhunter export` converts a finished run)")
+    on_bad_document: str = Field("fail", pattern="^(fail|skip)$", description="a document that cannot be read: "
+                                 "fail (one line naming file and line) or skip it (counted in the manifest)")
 
     @model_validator(mode="after")
     def _check(self) -> ScanConfig:

@@ -35,8 +35,9 @@ from .analysis.selectivity import (
 )
 from .config import ScanConfig
 from .data.concepts import CategorySpec, ConceptLabeller, Lexicon, load_lexicon
-from .errors import ConfigError, RunDirError
+from .errors import ConfigError
 from .io import MANIFEST, write_json, write_table
+from .runfolder import RunFolder, updating
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -177,22 +178,19 @@ class HuntResult:
         """Verdicts per layer, plus a ``total`` row."""
         return verdict_counts(self.scores.frame)
 
-    def write(self, out: str | Path, formats: tuple[str, ...] = ("parquet", "csv", "json"),
+    def write(self, out: str | Path, formats: tuple[str, ...] = ("parquet",),
               config: dict[str, Any] | None = None) -> None:
-        """Rewrite the run folder's tables with the hunt columns, then the manifest (last, marks it complete)."""
+        """Write the hunt's tables into ``out`` (the manifest is written by the caller, last: a new run's
+        :meth:`RunFolder.commit`, or :func:`~neuronhunter.runfolder.updating` for a re-scored one)."""
         out = Path(out)
-        manifest = out / MANIFEST
-        if manifest.exists():  # the folder is incomplete until the hunt tables are in place
-            manifest.unlink()
         write_table(self.neurons, out / "neurons", formats=formats)
         write_table(self.concepts, out / "concepts", formats=formats)
-        write_table(self.top, out / "top_neurons", formats=formats)
+        write_table(self.top, out / "top_neurons", formats=tuple(dict.fromkeys((*formats, "csv"))))  # small
         if self.lexicon is not None:
             write_json(out / LEXICON_FILE, self.lexicon.model_dump(mode="json"))
         if config is not None:
             write_json(out / "config.json", config)
         write_json(out / HUNT_FILE, self.info)
-        write_json(manifest, self.manifest)
 
 
 def assemble(
@@ -257,10 +255,9 @@ def _labelled_counts(state: Any) -> list[int]:
 
 
 def check_out(out: str | Path, *, overwrite: bool = False, resume: bool = False) -> None:
-    """Refuse a run folder that already holds a complete run unless ``overwrite`` or ``resume``."""
-    out = Path(out)
-    if not (overwrite or resume) and (out / MANIFEST).exists():
-        raise RunDirError(f"{out} already holds a complete run; pass --overwrite or choose another --out")
+    """Refuse a run folder the hunt may not write (see :class:`~neuronhunter.runfolder.RunFolder`), before any
+    model is loaded."""
+    RunFolder(out, kind="hunt").check(overwrite=overwrite, resume=resume)
 
 
 def run_hunt(
@@ -290,16 +287,17 @@ def run_hunt(
                                                     last_token_only=cfg.label_last_token_only))
     if not [c for c in labeller.categories if c not in labeller.control]:
         raise ConfigError("the lexicon has only control categories; the hunt needs at least one concept category")
-    if write:
-        check_out(cfg.out, overwrite=overwrite, resume=resume)  # fail before loading the model
+    folder = RunFolder(cfg.out, kind="hunt") if write else None
+    if folder is not None:
+        folder.check(overwrite=overwrite, resume=resume)  # fail before loading the model
     scan = run_scan(cfg, model=model, labeller=labeller, progress=progress, overwrite=overwrite, resume=resume,
-                    write=write, write_manifest=False)
+                    write=write, write_manifest=False, folder=folder)
     features = features_from_state(scan.state, scan.categories)
     scores = score_neurons(features, labeller.control, cfg.thresholds, labeller.cooccurrence)
-    if write:  # the scan just wrote its tables: reading them back is cheaper than rebuilding them
+    if folder is not None:  # the scan just wrote its tables: reading them back is cheaper than rebuilding them
         from .io import read_table
 
-        neurons, concepts = read_table(Path(cfg.out) / "neurons.parquet"), read_table(Path(cfg.out) / "concepts.parquet")
+        neurons, concepts = read_table(folder.work / "neurons.parquet"), read_table(folder.work / "concepts.parquet")
     else:
         neurons, concepts = scan.neurons_frame(), scan.concepts_frame()
     result = assemble(scores, neurons, concepts,
@@ -307,12 +305,13 @@ def run_hunt(
                       _labelled_counts(scan.state), thresholds=cfg.thresholds, cooccurrence=labeller.cooccurrence,
                       top_per_category=cfg.top_per_category, tokens=scan.state.tokens)
     result.scan, result.lexicon = scan, lexicon
-    if write:
+    if folder is not None:
         config = None
         if cfg.categories:  # tools that re-label text from config.json (verify, plot) find the inline lexicon
             config = cfg.model_dump(mode="json")
             config["concepts"] = str((Path(cfg.out) / LEXICON_FILE).resolve())
-        result.write(cfg.out, tuple(cfg.formats), config)
+        result.write(folder.work, tuple(cfg.formats), config)
+        folder.commit(result.manifest)
     return result
 
 
@@ -326,7 +325,7 @@ def rescore_run(run: str | Path, thresholds: VerdictThresholds | None = None, *,
     import torch
 
     from .io import read_json, read_table, require_run
-    from .scan import ScanState
+    from .stats.state import ScanState
 
     run = require_run(run, "stats.pt", "neurons.parquet", "concepts.parquet")
     manifest = read_json(run / MANIFEST)
@@ -359,7 +358,11 @@ def rescore_run(run: str | Path, thresholds: VerdictThresholds | None = None, *,
     result.lexicon = lexicon
     if write:
         formats = tuple(f for f in ("parquet", "csv", "json") if (run / f"neurons.{f}").exists())
-        result.write(run, formats, {**config, "thresholds": th.model_dump(mode="json"), "top_per_category": top_n})
+        with updating(run) as current:
+            result.write(run, formats, {**config, "thresholds": th.model_dump(mode="json"),
+                                        "top_per_category": top_n})
+            current.clear()
+            current.update(result.manifest)
     return result
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from .errors import RunDirError
 
 MANIFEST = "manifest.json"
+UPDATING = ".manifest.updating.json"  # a complete run's manifest, moved aside while the run is updated in place
 
 
 def cache_dir() -> Path:
@@ -128,10 +129,17 @@ def read_table(path: str | os.PathLike[str]) -> Any:
 def require_run(run: str | os.PathLike[str], *files: str) -> Path:
     """Check that ``run`` is a complete run folder (has a manifest) and holds ``files``; return its path."""
     run = Path(run)
+    partial = run.parent / f".{run.name}.partial"
+    hint = f" (an interrupted run is in {partial}: continue it with --resume)" if partial.is_dir() else ""
     if not run.is_dir():
+        if hint:
+            raise RunDirError(f"{run} is not a complete run folder yet{hint}")
         raise RunDirError(f"run folder not found: {run}")
     if not (run / MANIFEST).exists():
-        raise RunDirError(f"{run} is not a complete run folder (no {MANIFEST}); was the run interrupted?")
+        if (run / UPDATING).exists():
+            raise RunDirError(f"an update of {run} was interrupted (its tables may be half rewritten); rerun the "
+                              "command that updated it (verify, hunt --rescore), or the run itself")
+        raise RunDirError(f"{run} is not a complete run folder (no {MANIFEST}){hint}")
     for name in files:
         if not (run / name).exists():
             raise RunDirError(f"{run} has no {name}; run the command that produces it first")

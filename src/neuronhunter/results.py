@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .io import MANIFEST, atomic_path, write_json, write_table
+from .io import atomic_path, write_json, write_table
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from .config import ScanConfig
     from .models.hooked import HookedModel
-    from .scan import ScanState
+    from .runfolder import RunFolder
+    from .stats.state import ScanState
 
 UNLABELLED = "unlabelled"
 
@@ -59,11 +60,18 @@ class ScanResult:
     config: ScanConfig
     state: ScanState
     categories: list[str]
-    corpus_sha256: str | None
-    n_docs: int | None
     bos_token_id: int | None
     timings: dict[str, float] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)
+    skipped_documents: int = 0
+    folder: RunFolder | None = None  # the run folder being written (None when nothing is written)
+
+    @property
+    def run_dir(self) -> Path | None:
+        """Where the run's files are now: the working folder until the run is committed, then the run folder."""
+        if self.folder is None:
+            return None
+        return self.folder.work if self.folder.work.exists() else self.folder.out
 
     # ---------------------------------------------------------------------------------------------- tables
     def neurons_frame(self) -> pd.DataFrame:
@@ -163,7 +171,7 @@ class ScanResult:
 
     # ---------------------------------------------------------------------------------------------- output
     def write(self, out: Path) -> None:
-        """Write tables, stats and config (not the manifest: see :meth:`write_manifest`)."""
+        """Write tables, stats and config into ``out`` (not the manifest: :meth:`RunFolder.commit` writes it last)."""
         formats = tuple(self.config.formats)
         write_table(self.neurons_frame(), out / "neurons", formats=formats)
         write_table(self.examples_frame(), out / "examples", formats=formats)
@@ -181,7 +189,11 @@ class ScanResult:
             "model": {**self.model.info, "name": self.model.name, "family": self.model.adapter.family,
                       "n_layers": self.model.n_layers, "d_mlp": self.model.d_mlp, "d_model": self.model.d_model,
                       "neuron_site": "blocks.{layer}.mlp.hook_post"},
-            "corpus": {"spec": self.config.corpus or "default", "sha256": self.corpus_sha256, "documents": self.n_docs},
+            "corpus": {"spec": self.config.corpus or "default", "fingerprint": self.state.corpus_fingerprint,
+                       "fingerprint_method": "sum mod 2**256 of BLAKE2b-256(source, start, token ids) per window read",
+                       "documents": self.state.documents, "tokens": self.state.tokens,
+                       "skipped_documents": self.skipped_documents},
+            "model_fingerprint": self.state.model_fp,
             "context_length": self.config.context_length,
             "prepend_bos": self.bos_token_id is not None,
             "bos_token_id": self.bos_token_id,
@@ -197,5 +209,3 @@ class ScanResult:
             "timings": self.timings,
         }
 
-    def write_manifest(self, out: Path) -> None:
-        write_json(out / MANIFEST, self.manifest())

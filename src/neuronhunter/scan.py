@@ -19,12 +19,9 @@ variation (the allocator's slack).
 from __future__ import annotations
 
 import logging
-import os
 import platform
-import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,83 +31,21 @@ from . import __version__
 from .config import ScanConfig
 from .data.batches import TokenLabeller, Window, iter_batches, iter_windows
 from .data.corpus import Corpus
-from .errors import ConfigError, RunDirError
-from .io import MANIFEST, atomic_path
+from .errors import ConfigError, CorpusError, NeuronHunterError, RunDirError
 from .models.hooked import HookedModel, StopForward
 from .models.sites import Site
+from .runfolder import CHECKPOINT, RunFolder
 from .stats.layer import LayerStats, StatsSpec
+from .stats.state import ScanState, StoredWindow, load_state, model_fingerprint, save_state, settings_digest
+
+__all__ = ["CHECKPOINT", "ScanState", "Scanner", "StoredWindow", "load_state", "run_scan", "save_state"]
 
 if TYPE_CHECKING:
     from .results import ScanResult
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = ".checkpoint.pt"
 ProgressFn = Callable[[int, int | None], None]  # (tokens done, total tokens or None)
-
-
-@dataclass
-class StoredWindow:
-    doc_id: int
-    start: int
-    ids: list[int]
-    source: str
-
-
-@dataclass
-class ScanState:
-    """Everything a scan accumulates: per-layer statistics, referenced windows and counters (mergeable)."""
-
-    layers: dict[int, LayerStats]
-    windows: dict[int, StoredWindow] = field(default_factory=dict)
-    batches_done: int = 0
-    tokens: int = 0
-    n_windows: int = 0
-
-    def prune_windows(self) -> None:
-        """Forget the tokens of windows no top-k refers to any more."""
-        keep: set[int] = set()
-        for ls in self.layers.values():
-            keep.update(ls.topk.referenced_windows().tolist())
-        self.windows = {w: v for w, v in self.windows.items() if w in keep}
-
-    def merge(self, other: ScanState) -> ScanState:
-        """Merge another shard (window ids must be disjoint, e.g. offset by the caller)."""
-        if set(self.layers) != set(other.layers):
-            raise ValueError("cannot merge scans of different layers")
-        for layer, ls in self.layers.items():
-            ls.merge(other.layers[layer])
-        self.windows.update(other.windows)
-        self.batches_done += other.batches_done
-        self.tokens += other.tokens
-        self.n_windows += other.n_windows
-        self.prune_windows()
-        return self
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "layers": {layer: ls.state_dict() for layer, ls in self.layers.items()},
-            "windows": {w: [v.doc_id, v.start, v.ids, v.source] for w, v in self.windows.items()},
-            "batches_done": self.batches_done, "tokens": self.tokens, "n_windows": self.n_windows,
-        }
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> ScanState:
-        return cls(
-            layers={int(k): LayerStats.from_state_dict(v) for k, v in state["layers"].items()},
-            windows={int(w): StoredWindow(*v) for w, v in state["windows"].items()},
-            batches_done=state["batches_done"], tokens=state["tokens"], n_windows=state["n_windows"],
-        )
-
-
-def save_state(state: ScanState, path: Path, extra: dict[str, Any] | None = None) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"state": state.state_dict(), **(extra or {})}, tmp)
-
-
-def load_state(path: Path) -> tuple[ScanState, dict[str, Any]]:
-    blob = torch.load(path, weights_only=True)
-    return ScanState.from_state_dict(blob.pop("state")), blob
 
 
 def stats_spec(cfg: ScanConfig, categories: list[str]) -> StatsSpec:
@@ -121,22 +56,61 @@ def stats_spec(cfg: ScanConfig, categories: list[str]) -> StatsSpec:
     )
 
 
+def resume_key(cfg: ScanConfig) -> dict[str, Any]:
+    """What a resumed scan must share with the interrupted one (batch size included: the checkpoint counts batches)."""
+    return cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every", "compile_stats"})
+
+
+def merge_settings(cfg: ScanConfig, n_neurons: int, bos: int | None) -> str:
+    """Digest of what two shards of one scan must share to be merged (not the corpus, batching or device)."""
+    key = cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every", "compile_stats", "corpus",
+                                               "max_tokens", "batch_size", "device", "seed", "layers"})
+    return settings_digest({**key, "n_neurons": n_neurons, "bos_token_id": bos})
+
+
+def context_limit(model: HookedModel) -> int | None:
+    """The longest sequence the model was built for (learned or rotary position limit), or None if unknown."""
+    cfg = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 class Scanner:
-    """Runs a scan of ``model`` with ``cfg`` (see :func:`run_scan` for the one-call version)."""
+    """Runs a scan of ``model`` with ``cfg`` (see :func:`run_scan` for the one-call version).
+
+    The checks of the model's limits (layers, context length) run here, before anything is written.
+    """
 
     def __init__(self, model: HookedModel, cfg: ScanConfig, labeller: TokenLabeller | None = None) -> None:
         self.model, self.cfg, self.labeller = model, cfg, labeller
         self.layers = model.check_layers(cfg.layers if cfg.layers is not None else range(model.n_layers))
         if not self.layers:
             raise ConfigError("no layers to scan")
+        limit = context_limit(model)
+        if limit is not None and cfg.context_length > limit:
+            raise ConfigError(f"--context-length {cfg.context_length} is longer than {model.name} supports "
+                              f"({limit} positions)")
         self.n_neurons = min(cfg.neurons_per_layer or model.d_mlp, model.d_mlp)
         self.bos = model.bos_token_id if cfg.prepend_bos else None
         self.categories = list(labeller.categories) if labeller is not None else []
         self.corpus = Corpus(cfg.corpus, text_field=cfg.text_field)
+        self.settings = merge_settings(cfg, self.n_neurons, self.bos)
+        self._model_fp: str | None = None
+
+    @property
+    def model_fp(self) -> str:
+        """The model's weight fingerprint (computed once per scanner)."""
+        if self._model_fp is None:
+            self._model_fp = model_fingerprint(self.model.model)
+        return self._model_fp
 
     def new_state(self) -> ScanState:
         spec = stats_spec(self.cfg, self.categories)
-        return ScanState({layer: LayerStats(layer, self.n_neurons, spec) for layer in self.layers})
+        return ScanState({layer: LayerStats(layer, self.n_neurons, spec) for layer in self.layers},
+                         model_fp=self.model_fp, settings=self.settings)
 
     def windows(self) -> Any:
         return iter_windows(self.corpus, self.model.tokenizer, context_length=self.cfg.context_length,
@@ -179,9 +153,13 @@ class Scanner:
         checkpoint_extra: dict[str, Any] | None = None,
     ) -> Iterator[ScanState]:
         """:meth:`run` one batch at a time: updates ``state`` and yields it after each batch; once the corpus is
-        done, the windows no top-k refers to are pruned before the iteration ends. The hooks are registered only
-        while a batch runs, so between steps the model is the caller's (the benchmark times a bare forward pass
-        there)."""
+        done, the windows no exemplar refers to are pruned before the iteration ends. The hooks are registered
+        only while a batch runs, so between steps the model is the caller's (the benchmark times a bare forward
+        pass there).
+
+        A state loaded from a checkpoint (``batches_done > 0``) continues after its batches; the windows of those
+        batches are read again and their fingerprint must equal the state's, else the corpus changed since the
+        interruption and the scan is refused (:class:`RunDirError`, nothing merged)."""
         cfg, model = self.cfg, self.model
         for ls in state.layers.values():  # fresh or loaded from a checkpoint
             ls.compile, ls.full_batch = cfg.compile_stats, (cfg.batch_size, cfg.context_length)
@@ -205,6 +183,7 @@ class Scanner:
         fns = {Site.mlp_post(layer): make_hook(layer) for layer in self.layers}
         stop = last + 1
         skip = state.batches_done
+        replay = ScanState({})  # fingerprint of the batches a resumed scan skips
         pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
         prune_every = 16
         batches = iter_batches(self.windows(), batch_size=cfg.batch_size, pad_token_id=pad,
@@ -212,7 +191,11 @@ class Scanner:
                                n_categories=len(self.categories) if self.labeller is not None else None)
         for index, (batch, wins) in enumerate(batches):
             if index < skip:  # resuming: these batches are already in the state
+                for w in wins:
+                    replay.add_window(w.source, w.start, w.ids)
                 continue
+            if index == skip and skip:
+                _check_replay(state, replay)
             dev = model.device
             current["mask"] = batch.attention_mask.to(dev)
             current["wids"] = batch.window_ids
@@ -230,12 +213,21 @@ class Scanner:
                 state.prune_windows()
                 save_state(state, checkpoint, checkpoint_extra)
             yield state
+        if skip and state.batches_done == skip:  # the corpus ended at (or before) the interruption point
+            _check_replay(state, replay)
         state.prune_windows()
 
     @staticmethod
     def _store(state: ScanState, wins: list[Window]) -> None:
         for w in wins:
             state.windows[w.window_id] = StoredWindow(w.doc_id, w.start, list(w.ids), w.source)
+            state.add_window(w.source, w.start, w.ids)
+
+
+def _check_replay(state: ScanState, replay: ScanState) -> None:
+    if replay.corpus_fp != state.corpus_fp:
+        raise RunDirError("cannot resume: the corpus differs from the one the interrupted scan read (its first "
+                          f"{state.n_windows:,} windows changed); start again with --overwrite")
 
 
 _malloc_trim: Any = None
@@ -271,23 +263,6 @@ def environment(compile_stats: bool = True, device: torch.device | str = "cpu") 
             "histograms": "native" if used_by_scan(compile_stats, device) else "bincount"}
 
 
-def prepare_out(out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Make ``out`` ready: refuse to clobber a complete run unless asked; never leave an old manifest behind."""
-    if out.exists() and not out.is_dir():
-        raise RunDirError(f"{out} exists and is not a folder")
-    if out.exists() and (out / MANIFEST).exists() and not overwrite:
-        raise RunDirError(f"{out} already holds a complete run; pass --overwrite or choose another --out")
-    if out.exists() and overwrite and not resume:
-        for child in out.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        (out / MANIFEST).unlink()
-
-
 def run_scan(
     cfg: ScanConfig,
     *,
@@ -298,18 +273,24 @@ def run_scan(
     resume: bool = False,
     write: bool = True,
     write_manifest: bool = True,
+    folder: RunFolder | None = None,
 ) -> ScanResult:
-    """Scan with ``cfg`` and write the run folder ``cfg.out``.
+    """Scan with ``cfg`` and write the run folder ``cfg.out`` (see :mod:`neuronhunter.runfolder` for the rules).
+
+    The run is written into a working folder beside ``cfg.out`` and swapped into place when complete, so a
+    complete run already in ``cfg.out`` stays readable until then.
 
     Args:
         model: an already loaded model (else ``cfg.model`` is loaded).
         labeller: concept labeller (else built from ``cfg.concepts`` when set).
         progress: called with ``(tokens_done, total_tokens)`` after each batch.
-        overwrite: replace a complete run in ``cfg.out``.
-        resume: continue from ``cfg.out``'s checkpoint when its config matches.
+        overwrite: replace a complete run in ``cfg.out`` (only a neuronhunter run folder is ever replaced).
+        resume: continue the interrupted scan of ``cfg.out``; refused when its config, corpus or model differ,
+            or when there is nothing to resume.
         write: write the run folder (False: just return the result).
-        write_manifest: write ``manifest.json`` (which marks the run complete); callers that add files to the
-            run folder afterwards (the hunt) pass False and write the manifest themselves, last.
+        write_manifest: complete the run (manifest last, then the swap); callers that add files to the run
+            afterwards (the hunt) pass False, write into ``result.run_dir`` and call ``result.folder.commit``.
+        folder: the :class:`RunFolder` to write (default: one for ``cfg.out``).
     """
     from .models.loading import load_model
     from .results import ScanResult
@@ -322,35 +303,61 @@ def run_scan(
         labeller = ConceptLabeller(cfg.concepts, case_sensitive=cfg.case_sensitive,
                                    last_token_only=cfg.label_last_token_only)
     Corpus(cfg.corpus, text_field=cfg.text_field).check()  # fail early, before loading the model
+    if write and folder is None:
+        folder = RunFolder(cfg.out, kind="scan")
+    if folder is not None:
+        folder.check(overwrite=overwrite, resume=resume)
     if model is None:
         model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     timings["load_s"] = time.perf_counter() - t0
-    scanner = Scanner(model, cfg, labeller)
-    out = Path(cfg.out)
-    key = cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every", "compile_stats"})
+    scanner = Scanner(model, cfg, labeller)  # checks layers and context length
+    key = resume_key(cfg)
     state = None
-    ckpt = out / CHECKPOINT
-    if write:
-        if resume and ckpt.exists():
-            state, extra = load_state(ckpt)
-            if extra.get("config") != key:
-                raise RunDirError(f"{ckpt} was written with a different configuration; cannot resume")
+    ckpt = None
+    if folder is not None:
+        ckpt = folder.begin(overwrite=overwrite, resume=resume) / CHECKPOINT
+        if folder.resumed and ckpt.exists():
+            state = _resumable_state(ckpt, key, scanner)
             log.info("Resuming from batch %d (%d tokens)", state.batches_done, state.tokens)
-        prepare_out(out, overwrite=overwrite or resume, resume=resume)
     t1 = time.perf_counter()
-    state = scanner.run(state, progress=progress, checkpoint=ckpt if write else None,
-                        checkpoint_extra={"config": key})
+    try:
+        state = scanner.run(state, progress=progress, checkpoint=ckpt, checkpoint_extra={"config": key})
+    except NeuronHunterError:
+        if folder is not None and not (ckpt is not None and ckpt.exists()):
+            folder.discard()  # bad input and nothing worth resuming
+        raise
+    if not any(ls.moments.count for ls in state.layers.values()):
+        if folder is not None:
+            folder.discard()
+        first = "" if scanner.bos is not None else " (without BOS each window's first token is not counted)"
+        raise CorpusError(f"the scan counted no tokens{first}: the corpus is too short")
     timings["scan_s"] = time.perf_counter() - t1
     timings["tokens_per_s"] = state.tokens / max(timings["scan_s"], 1e-9)
     result = ScanResult(model=model, config=cfg, state=state, categories=scanner.categories,
-                        corpus_sha256=scanner.corpus.sha256, n_docs=scanner.corpus.n_docs,
-                        bos_token_id=scanner.bos, timings=timings, environment=environment(cfg.compile_stats, model.device))
-    if write:
+                        bos_token_id=scanner.bos, timings=timings,
+                        environment=environment(cfg.compile_stats, model.device),
+                        skipped_documents=getattr(scanner.corpus, "n_skipped", 0))
+    if folder is not None:
         t2 = time.perf_counter()
-        result.write(out)
-        if ckpt.exists():
-            os.remove(ckpt)
+        result.write(folder.work)
+        if ckpt is not None:
+            ckpt.unlink(missing_ok=True)
         timings["write_s"] = time.perf_counter() - t2
+        result.folder = folder
         if write_manifest:
-            result.write_manifest(out)
+            folder.commit(result.manifest())
     return result
+
+
+def _resumable_state(ckpt: Path, key: dict[str, Any], scanner: Scanner) -> ScanState:
+    """The checkpoint's state, if it was written by the same configuration and model (else a one-line error)."""
+    state, extra = load_state(ckpt)
+    old = extra.get("config") or {}
+    if old != key:
+        changed = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+        raise RunDirError(f"cannot resume: the interrupted scan used a different configuration "
+                          f"({', '.join(changed)}); start again with --overwrite")
+    if state.model_fp is not None and state.model_fp != scanner.model_fp:
+        raise RunDirError("cannot resume: the model's weights differ from those of the interrupted scan; "
+                          "start again with --overwrite")
+    return state

@@ -100,10 +100,12 @@ def test_scan_matches_brute_force(family, compile_stats, corpus_dir, tmp_path, r
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["tokens"] == result.state.tokens == sum(len(w.ids) - 1 for w in windows)
     assert manifest["prepend_bos"] is True and manifest["layers"] == [0, 1]
-    assert len(manifest["corpus"]["sha256"]) == 64
+    assert len(manifest["corpus"]["fingerprint"]) == 64 and manifest["corpus"]["documents"] == len(TEXT)
+    assert manifest["corpus"]["tokens"] == result.state.tokens and len(manifest["model_fingerprint"]) == 64
     for name in ("neurons.csv", "neurons.json", "examples.csv", "examples.json", "stats.pt", "config.json"):
         assert (tmp_path / "run" / name).exists()
     assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / CHECKPOINT).exists()
+    assert not (tmp_path / ".run.partial").exists()  # the working folder was swapped into place
 
 
 def test_split_corpus_merge_equals_one_pass(tiny_gpt2, tmp_path):
@@ -111,8 +113,8 @@ def test_split_corpus_merge_equals_one_pass(tiny_gpt2, tmp_path):
     for i, chunk in enumerate((TEXT[:2], TEXT[2:])):
         d = tmp_path / f"c{i}"
         d.mkdir()
-        for j, t in enumerate(chunk):
-            (d / f"{j}.txt").write_text(t)
+        for j, t in enumerate(chunk):  # the same file names as in the whole corpus: the fingerprint reads sources
+            (d / f"{2 * i + j}.txt").write_text(t)
         parts.append(d)
     whole = tmp_path / "all"
     whole.mkdir()
@@ -127,7 +129,11 @@ def test_split_corpus_merge_equals_one_pass(tiny_gpt2, tmp_path):
     for ls in b.layers.values():
         ls.topk.window = torch.where(ls.topk.window >= 0, ls.topk.window + offset, ls.topk.window)
     b.windows = {w + offset: v for w, v in b.windows.items()}
+    with pytest.raises(RunDirError, match="overlap"):  # window ids must be global: a shard numbered from 0 clashes
+        run_scan(ScanConfig(corpus=str(parts[0]), **kw), model=tiny_gpt2, write=False).state.merge(
+            run_scan(ScanConfig(corpus=str(parts[1]), **kw), model=tiny_gpt2, write=False).state)
     merged = a.merge(b)
+    assert merged.corpus_fp == one.corpus_fp and merged.documents == one.documents == len(TEXT)
     assert merged.tokens == one.tokens
     for L in (0, 1):
         m, o = merged.layers[L], one.layers[L]
@@ -157,8 +163,9 @@ def test_resume_from_checkpoint_equals_uninterrupted(tiny_gpt2, corpus_dir, tmp_
     out = tmp_path / "cut"
     with pytest.raises(Interrupt):
         run_scan(ScanConfig(out=str(out), **kw), model=tiny_gpt2, progress=stop_after_three)
-    assert (out / CHECKPOINT).exists() and not (out / "manifest.json").exists()
-    state, _ = load_state(out / CHECKPOINT)
+    partial = tmp_path / ".cut.partial"  # the interrupted run's working folder; nothing at out yet
+    assert (partial / CHECKPOINT).exists() and not out.exists()
+    state, _ = load_state(partial / CHECKPOINT)
     assert state.batches_done == 2
     resumed = run_scan(ScanConfig(out=str(out), **kw), model=tiny_gpt2, resume=True)
     assert resumed.state.tokens == full.state.tokens

@@ -260,6 +260,7 @@ def verify_run(run: str | Path, model: HookedModel | None = None, config: Verify
     """
     from ..io import read_table, require_run, write_json, write_table
     from ..models import load_model
+    from ..runfolder import updating
     from .interventions import corpus_batches, load_concept_labeller
 
     cfg = config or VerifyConfig()
@@ -285,7 +286,9 @@ def verify_run(run: str | Path, model: HookedModel | None = None, config: Verify
     summary = summarise(results, cfg)
     summary["n_tokens"] = int(sum(b.attention_mask[:, 1:].sum() for b in batches))
     summary["run"] = str(run)
-    write_table(results, run / "verification", formats=("parquet", "csv"))
-    update_neurons_table(run, results)
-    write_json(run / "verification.json", summary)
+    with updating(run) as manifest:  # the run reads as incomplete while its neurons table is rewritten
+        write_table(results, run / "verification", formats=("parquet", "csv"))
+        update_neurons_table(run, results)
+        write_json(run / "verification.json", summary)
+        manifest["verification"] = {"tested": summary["tested"], "confirmed": summary["confirmed"]}
     return results, summary

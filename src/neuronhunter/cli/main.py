@@ -25,7 +25,7 @@ app = typer.Typer(
 )
 
 # Command modules, each owning one group of commands (see their register functions).
-COMMAND_MODULES = ("scan", "hunt", "verify", "circuits", "selfreport", "toy", "browse")
+COMMAND_MODULES = ("scan", "hunt", "verify", "circuits", "selfreport", "toy", "browse", "export")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__package__}.{_name}").register(app)

@@ -82,6 +82,8 @@ class Moments:
         self.active += active.to(torch.int64).cpu()
 
     def merge(self, other: Moments) -> Moments:
+        if (other.d, other.threshold) != (self.d, self.threshold):
+            raise ValueError("cannot merge moments of different neurons or 'active' thresholds")
         self.count += other.count
         for name in ("s1", "s2", "s3", "s4", "active"):
             getattr(self, name).add_(getattr(other, name))
@@ -361,6 +363,8 @@ class PositionStats:
             self.first_active += (first > self.threshold).sum(0).cpu()
 
     def merge(self, other: PositionStats) -> PositionStats:
+        if (other.d, other.n_positions, other.threshold) != (self.d, self.n_positions, self.threshold):
+            raise ValueError("cannot merge position statistics of different shapes or thresholds")
         self.sum += other.sum
         self.count += other.count
         self.first_active += other.first_active

@@ -86,7 +86,24 @@ class LayerStats:
             self._thr = torch.tensor(self.spec.threshold, device=device)
         return self._thr
 
+    def referenced_windows(self) -> Tensor:
+        """Ids of the windows this layer's exemplars refer to (unique, sorted)."""
+        return self.topk.referenced_windows()
+
+    def check_mergeable(self, other: LayerStats) -> None:
+        """Raise a one-line error when ``other`` was accumulated differently (neurons, thresholds, bins, k, ...)."""
+        from ..errors import RunDirError
+
+        if other.d != self.d:
+            raise RunDirError(f"layer {self.layer}: cannot merge statistics of {self.d} and {other.d} neurons")
+        mine, theirs = self.spec.__dict__, other.spec.__dict__
+        for key in mine:
+            if mine[key] != theirs[key]:
+                raise RunDirError(f"layer {self.layer}: cannot merge statistics accumulated with different {key} "
+                                  f"({mine[key]!r} vs {theirs[key]!r})")
+
     def merge(self, other: LayerStats) -> LayerStats:
+        self.check_mergeable(other)
         self.moments.merge(other.moments)
         self.hist.merge(other.hist)
         self.topk.merge(other.topk)
