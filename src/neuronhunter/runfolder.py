@@ -60,7 +60,7 @@ OWNED: tuple[str, ...] = (
     "shards", "verify", "explain",
     # toy lab and self-report runs
     "summary.json", "metrics", "metrics.json", "checkpoints", "features.csv", "instances.csv",
-    "weights.safetensors", "selection.json", "candidates.*", "predictions.*", "targets", "logs", "*.html", "*.png",
+    "weights.safetensors", "samples", "selection.json", "candidates.*", "predictions.*", "targets", "logs", "*.html", "*.png",
 )
 
 

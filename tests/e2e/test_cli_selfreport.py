@@ -49,9 +49,10 @@ def test_run_writes_a_complete_run(setup, capsys):
     # a second run into the same folder is refused with one line, exit 2
     assert main(["selfreport", "run", str(cfg), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "--resume" in err and "\n" not in err  # fails before loading anything
-    # --resume reuses everything and finishes
-    assert main(["selfreport", "run", str(cfg), "--out", str(out), "--resume"]) == 0
+    assert err.startswith("error: ") and "--overwrite" in err and "\n" not in err  # fails before loading anything
+    # --resume of a finished run: nothing to resume, one line
+    assert main(["selfreport", "run", str(cfg), "--out", str(out), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
 
 
 def test_bad_config_is_one_line_exit_2(setup, capsys, tmp_path):
@@ -74,7 +75,7 @@ def test_select_dataset_and_example(setup, capsys):
     assert "chosen: L1.N" in out
     assert main(["selfreport", "dataset", str(cfg), "--out", str(root / "ds")]) == 0
     assert "train:" in capsys.readouterr().out
-    assert list((root / "ds" / "targets").glob("*/dataset.parquet"))
+    assert list((root / ".ds.partial" / "targets").glob("*/dataset.parquet"))  # unfinished until `run --resume`
     assert main(["selfreport", "example"]) == 0
     text = capsys.readouterr().out
     assert yaml.safe_load(text)["model"] == "smollm2-135m"

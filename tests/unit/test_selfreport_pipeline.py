@@ -155,24 +155,28 @@ def test_unfreezing_the_neurons_layer_makes_it_drift(corpus, tmp_path):
 def test_run_folder_protection_and_resume(corpus, tmp_path):
     cfg = config(corpus, tmp_path, evaluation={"plots": False, "probe": False})
     first = run_selfreport(cfg, model=planted())
-    with pytest.raises(RunDirError, match="already holds a finished run"):
+    with pytest.raises(RunDirError, match="already holds a complete run"):
         run_selfreport(cfg, model=planted())
-    again = run_selfreport(cfg, model=planted(), resume=True)  # everything reused, same numbers
-    assert again["targets"][0]["test"] == first["targets"][0]["test"]
+    with pytest.raises(RunDirError, match="nothing to resume"):  # a finished run is not silently redone
+        run_selfreport(cfg, model=planted(), resume=True)
     other = config(corpus, tmp_path, training={"epochs": 3}, evaluation={"plots": False, "probe": False})
+    run_selfreport(other, model=planted(), overwrite=True, stop_after="select")  # an interrupted replacement
+    assert (tmp_path / "run" / "metrics.json").is_file()  # the finished run is still there, untouched
     with pytest.raises(ConfigError, match="differs"):
-        run_selfreport(other, model=planted(), resume=True)
-    run_selfreport(other, model=planted(), overwrite=True)
+        run_selfreport(cfg, model=planted(), resume=True)
+    again = run_selfreport(other, model=planted(), resume=True)
+    assert again["targets"][0]["test"] != first["targets"][0]["test"]  # 3 epochs instead of the first run's
 
 
 def test_stop_after_dataset_then_resume(corpus, tmp_path):
     cfg = config(corpus, tmp_path, predictor={"head": "classification", "n_classes": 2, "binning": "uniform"},
                  evaluation={"plots": False})
     out = run_selfreport(cfg, model=planted(), stop_after="dataset")
-    assert (tmp_path / "run" / "targets" / "L0.N3" / "dataset.parquet").is_file()
-    assert not (tmp_path / "run" / "manifest.json").exists()
+    assert (tmp_path / ".run.partial" / "targets" / "L0.N3" / "dataset.parquet").is_file()
+    assert not (tmp_path / "run").exists()  # not complete: it stays in the working folder
     assert "L0.N3" in out["datasets"]
     summary = run_selfreport(cfg, model=planted(), resume=True)
+    assert (tmp_path / "run" / "manifest.json").is_file() and not (tmp_path / ".run.partial").exists()
     test = summary["targets"][0]["test"]
     assert test["predictor"]["accuracy"] > 0.95
     assert test["probe"]["accuracy"] is not None

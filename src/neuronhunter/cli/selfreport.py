@@ -131,7 +131,8 @@ def register(app: typer.Typer) -> None:
         for name, counts in summary["datasets"].items():
             parts = ", ".join(f"{s}: {c['tokens']} tokens / {c['documents']} docs" for s, c in counts.items())
             console.print(f"{name}: {parts}")
-        console.print(f"wrote {summary['out']}")
+        console.print(f"wrote {summary['out']} (an unfinished run: `neuronhunter selfreport run` with the same "
+                      "--out and --resume trains and evaluates on these datasets)")
 
     @group.command("example")
     def example() -> None:

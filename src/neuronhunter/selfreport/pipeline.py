@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ConfigError, RunDirError
+from ..errors import ConfigError
 from ..io import MANIFEST, read_json, write_json, write_table
 from ..models import HookedModel
+from ..runfolder import MARKER, RunFolder
 from .config import NeuronRef, SelfReportConfig
 from .dataset import ActivationDataset, ActivationDatasetGenerator, SplitTensors
 from .evaluation import (
@@ -69,26 +69,23 @@ def clean_json(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- run folder
-def prepare_run_dir(config: SelfReportConfig, out: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to clobber an existing run unless ``overwrite``; check that a resumed run has the same config."""
-    cfg_file = out / "config.json"
-    if cfg_file.exists():
-        if resume:
-            old = read_json(cfg_file)
-            new = config.model_dump(mode="json")
-            old.pop("out", None)
-            new.pop("out", None)
-            if old != new:
-                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise ConfigError(f"cannot resume {out}: the config differs from the first run's "
-                                  f"(section {', '.join(changed)}); use --overwrite to start again")
-        elif overwrite:
-            (out / MANIFEST).unlink(missing_ok=True)
-            shutil.rmtree(out / "targets", ignore_errors=True)
-        else:
-            what = "a finished run" if (out / MANIFEST).exists() else "an interrupted run"
-            raise RunDirError(f"{out} already holds {what}; use --resume to continue or --overwrite to replace it")
-    (out / MANIFEST).unlink(missing_ok=True)
+def prepare_run_dir(config: SelfReportConfig, out: Path, *, overwrite: bool, resume: bool) -> RunFolder:
+    """Start the run folder (:class:`~neuronhunter.runfolder.RunFolder`: a finished run is replaced only with
+    ``overwrite``, only if it holds nothing but the tool's files, and stays readable until the new one is complete);
+    a resumed run must have the same config as the interrupted one. Returns the folder; write into ``folder.work``."""
+    folder = RunFolder(out, kind="selfreport")
+    work = folder.begin(overwrite=overwrite, resume=resume)
+    cfg_file = work / "config.json"
+    if resume and cfg_file.exists():
+        old = read_json(cfg_file)
+        new = config.model_dump(mode="json")
+        old.pop("out", None)
+        new.pop("out", None)
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"cannot resume {out}: the config differs from the first run's "
+                              f"(section {', '.join(changed)}); use --overwrite to start again")
+    return folder
 
 
 def load_selection(out: Path) -> list[NeuronRef]:
@@ -262,7 +259,8 @@ def run_selfreport(config: SelfReportConfig, *, out: str | Path | None = None, o
     out_dir = Path(out) if out is not None else config.out_dir
     if stop_after not in (None, "select", "dataset"):
         raise ConfigError(f"stop_after must be 'select' or 'dataset', got {stop_after!r}")
-    prepare_run_dir(config, out_dir, overwrite=overwrite, resume=resume)
+    folder = prepare_run_dir(config, out_dir, overwrite=overwrite, resume=resume)
+    final_dir, out_dir = out_dir, folder.work
     if model is None:
         from ..models import load_model
 
@@ -272,7 +270,6 @@ def run_selfreport(config: SelfReportConfig, *, out: str | Path | None = None, o
         if progress:
             progress("loading model", 1, 1)
     hooked = model
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "config.json", config.model_dump(mode="json"))
     torch.manual_seed(config.seed)
     timings: dict[str, float] = {}
@@ -288,7 +285,7 @@ def run_selfreport(config: SelfReportConfig, *, out: str | Path | None = None, o
         neurons, selection_info = sel.neurons, clean_json(sel.to_json())
     timings["select_s"] = time.perf_counter() - t
     if stop_after == "select":
-        return {"selection": selection_info, "out": str(out_dir)}
+        return {"selection": selection_info, "out": str(out_dir)}  # an interrupted run: --resume continues it
 
     # 2. datasets
     t = time.perf_counter()
@@ -315,21 +312,22 @@ def run_selfreport(config: SelfReportConfig, *, out: str | Path | None = None, o
     timings["targets_s"] = time.perf_counter() - t - timings["dataset_s"]
     elapsed = time.perf_counter() - t0
     summary = clean_json({
-        "name": config.name, "model": hooked.name, "out": str(out_dir), "selection": selection_info,
+        "name": config.name, "model": hooked.name, "out": str(final_dir), "selection": selection_info,
         "targets": reports, "elapsed_s": round(elapsed, 2),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     })
     write_json(out_dir / "metrics.json", summary)
-    _write_manifest(out_dir, config, elapsed)
+    _write_manifest(folder, config, elapsed)
     return summary
 
 
-def _write_manifest(out: Path, config: SelfReportConfig, elapsed: float) -> None:
+def _write_manifest(folder: RunFolder, config: SelfReportConfig, elapsed: float) -> None:
     from .. import __version__
 
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
-    write_json(out / MANIFEST, {
-        "command": "selfreport run", "neuronhunter": __version__, "torch": torch.__version__,
+    out = folder.work
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in (MANIFEST, MARKER))
+    folder.commit({
+        "kind": "selfreport", "command": "selfreport run", "neuronhunter": __version__, "torch": torch.__version__,
         "python": platform.python_version(), "model": config.model, "seed": config.seed,
         "config_sha256": config.fingerprint(), "elapsed_s": round(elapsed, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..errors import RunDirError
-from ..io import MANIFEST, write_json
+from ..io import MANIFEST
+from ..runfolder import MARKER, RunFolder
 
 ProgressFn = Callable[[str, int, int], None]
 """Progress callback ``(description, completed, total)``."""
@@ -66,41 +66,37 @@ class ToyRunConfig(BaseModel):
         return resolve_device(v)
 
 
-def prepare_run_dir(out: str | Path, overwrite: bool, subdirs: tuple[str, ...]) -> Path:
-    """Create the run folder; refuse to overwrite a finished run unless ``overwrite``.
-
-    A previous manifest is removed first, so an interrupted rerun never looks complete.
-    """
-    out = Path(out)
-    if (out / MANIFEST).exists() or (out / "summary.json").exists():
-        if not overwrite:
-            raise RunDirError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
-        (out / MANIFEST).unlink(missing_ok=True)
+def prepare_run_dir(out: str | Path, overwrite: bool, subdirs: tuple[str, ...]) -> RunFolder:
+    """Start a run folder (:class:`~neuronhunter.runfolder.RunFolder`: a finished run is replaced only with
+    ``overwrite`` and only if it holds nothing but the tool's files; the new run is written beside it and swapped
+    in by :func:`write_manifest`). Returns the folder; write into ``folder.work``."""
+    folder = RunFolder(out, kind="toy")
+    work = folder.begin(overwrite=overwrite)
     for sub in subdirs:
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    return out
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    return folder
 
 
-def write_manifest(out: Path, command: str, seeds: Any, elapsed: float) -> None:
-    """Write ``manifest.json`` (versions, seeds, file list) last, marking the run folder complete."""
+def write_manifest(folder: RunFolder, command: str, seeds: Any, elapsed: float) -> None:
+    """Write ``manifest.json`` (versions, seeds, file list) last and swap the finished run into place."""
     import platform
 
     from .. import __version__
 
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST)
-    write_json(
-        out / MANIFEST,
-        {
-            "command": command,
-            "neuronhunter": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "seeds": seeds,
-            "elapsed_s": round(elapsed, 2),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "files": files,
-        },
-    )
+    out = folder.work
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                   if p.is_file() and p.name not in (MANIFEST, MARKER))
+    folder.commit({
+        "kind": "toy",
+        "command": command,
+        "neuronhunter": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "seeds": seeds,
+        "elapsed_s": round(elapsed, 2),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    })
 
 
 def clean_json(obj: Any) -> Any:

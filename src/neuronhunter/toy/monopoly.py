@@ -459,9 +459,10 @@ def _run_monopoly(config: MonopolyConfig, progress: ProgressFn | None) -> dict[s
     if config.thickness[1] >= config.length[0]:
         raise ConfigError("thickness max must be below length min, or orientation is ambiguous")
     t0 = time.time()
-    out = prepare_run_dir(
+    folder = prepare_run_dir(
         config.out, config.overwrite, ("checkpoints/phase1", "checkpoints/phase2", "metrics", "plots")
     )
+    out = folder.work
     write_json(out / "config.json", config.model_dump(mode="json"))
     seeds = config.seed_list()
     total = len(seeds) * (config.epochs_phase1 + config.epochs_phase2)
@@ -579,5 +580,5 @@ def _run_monopoly(config: MonopolyConfig, progress: ProgressFn | None) -> dict[s
     }
     summary = clean_json(summary)
     write_json(out / "summary.json", summary)
-    write_manifest(out, "toy monopoly", seeds, time.time() - t0)
+    write_manifest(folder, "toy monopoly", seeds, time.time() - t0)
     return summary

@@ -551,7 +551,8 @@ def _run_tms(config: TMSConfig, progress: ProgressFn | None) -> dict[str, Any]:
     from ..io import atomic_path
 
     t0 = time.time()
-    out = prepare_run_dir(config.run_dir(), config.overwrite, ("plots",))
+    folder = prepare_run_dir(config.run_dir(), config.overwrite, ("plots",))
+    out = folder.work
     write_json(out / "config.json", config.model_dump(mode="json"))
 
     result = train_tms(config, progress)
@@ -635,5 +636,5 @@ def _run_tms(config: TMSConfig, progress: ProgressFn | None) -> dict[str, Any]:
         }
     )
     write_json(out / "summary.json", summary)
-    write_manifest(out, f"toy tms --preset {config.preset}", config.seed, time.time() - t0)
+    write_manifest(folder, f"toy tms --preset {config.preset}", config.seed, time.time() - t0)
     return summary
