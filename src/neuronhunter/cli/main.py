@@ -80,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return _interrupted()
+    except ModuleNotFoundError as exc:  # an optional dependency: say which extra installs it
+        from ..extras import missing_message
+
+        hint = missing_message(exc)
+        if hint is None:
+            if os.environ.get("NEURONHUNTER_DEBUG"):
+                raise
+            hint = f"{type(exc).__name__}: {exc} (set NEURONHUNTER_DEBUG=1 for a traceback)"
+        typer.echo(f"error: {hint}", err=True)
+        return 2 if hint.startswith("this needs") else 1
     except (typer.Exit, SystemExit) as exc:  # --help, explicit exits
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         return int(code or 0)
