@@ -233,8 +233,11 @@ def assemble(
                       manifest=manifest, info=info)
 
 
-def top_example(scan: ScanResult, layer: int, neuron: int, rank: int = 0, left: int = 8) -> str:
-    """The text around a neuron's ``rank``-th top activation, the token marked ``[[token]]`` ('' if none)."""
+def top_example(scan: ScanResult, layer: int, neuron: int, rank: int = 0) -> str:
+    """The context of a neuron's ``rank``-th top activation as the examples table renders it
+    (:func:`~neuronhunter.results.render_example`; '' if none)."""
+    from .results import TokenText, render_example
+
     ls = scan.state.layers[layer]
     if rank >= ls.topk.k:
         return ""
@@ -242,11 +245,9 @@ def top_example(scan: ScanResult, layer: int, neuron: int, rank: int = 0, left: 
     win = scan.state.windows.get(wid)
     if wid < 0 or win is None:
         return ""
-    tok = scan.model.tokenizer
-    lo = max(1 if scan.bos_token_id is not None else 0, pos - left)
-    before = tok.decode(win.ids[lo:pos])
-    after = tok.decode(win.ids[pos + 1:pos + 3])
-    return (before + "[[" + tok.decode([win.ids[pos]]) + "]]" + after).replace("\n", " ")
+    left, right = scan.config.context_tokens
+    return render_example(TokenText(scan.model.tokenizer), win.ids, pos, left=left, right=right,
+                          first=1 if scan.bos_token_id is not None else 0)[1]
 
 
 def _labelled_counts(state: Any) -> list[int]:
@@ -350,7 +351,7 @@ def rescore_run(run: str | Path, thresholds: VerdictThresholds | None = None, *,
     if (run / "examples.parquet").exists():
         ex = read_table(run / "examples.parquet")
         first = ex[ex["rank"] == 0]
-        examples = {(int(a), int(b)): str(c).replace("\n", " ")
+        examples = {(int(a), int(b)): str(c)
                     for a, b, c in zip(first["layer"], first["neuron"], first["context"], strict=True)}
     result = assemble(scores, read_table(run / "neurons.parquet"), read_table(run / "concepts.parquet"),
                       lambda layer, neuron: examples.get((layer, neuron), ""), manifest, _labelled_counts(state),

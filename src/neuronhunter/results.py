@@ -52,6 +52,16 @@ class TokenText:
         return "".join(self(i) for i in ids)
 
 
+def render_example(text: TokenText, ids: list[int], pos: int, *, left: int, right: int,
+                   first: int) -> tuple[str, str]:
+    """``(token, context)`` of the token at ``pos`` of a window: up to ``left`` tokens before it (not before
+    position ``first``, so a prepended BOS is never shown) and ``right`` after, the token marked ``[[token]]``.
+    The one rendering of an example: the examples table, the hunt's summaries and the browser all use it."""
+    tok = text(ids[pos])
+    lo = max(first, pos - left)
+    return tok, text.join(ids[lo:pos]) + "[[" + tok + "]]" + text.join(ids[pos + 1: pos + 1 + right])
+
+
 @dataclass
 class ScanResult:
     """The outcome of a scan: the accumulated state plus what is needed to turn it into tables."""
@@ -125,10 +135,7 @@ class ScanResult:
                 win = self.state.windows[wid]
                 key = (wid, wpos)
                 if key not in context_cache:
-                    tok = text(win.ids[wpos])
-                    lo = max(bos, wpos - left)
-                    ctx = text.join(win.ids[lo:wpos]) + "[[" + tok + "]]" + text.join(win.ids[wpos + 1 : wpos + 1 + right])
-                    context_cache[key] = (tok, ctx)
+                    context_cache[key] = render_example(text, win.ids, wpos, left=left, right=right, first=bos)
                 tok, ctx = context_cache[key]
                 cols["layer"].append(layer)
                 cols["neuron"].append(n)

@@ -36,6 +36,7 @@ from torch import Tensor
 from ..errors import ConfigError, SiteError
 from ..models.hooked import HookedModel, Intervention
 from ..models.sites import Site
+from ..stats.tokens import counted_tokens
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,8 @@ def capture_sources(model: HookedModel, input_ids: Tensor, attention_mask: Tenso
 
 
 def reference_means(model: HookedModel, sites: Iterable[Site | str], batches: Iterable[Any]) -> dict[Site, Tensor]:
-    """Mean activation at each site over the real tokens of ``batches`` (padding and a prepended BOS excluded).
+    """Mean activation at each site over the tokens of ``batches`` that count (:mod:`neuronhunter.stats.tokens`:
+    no padding, not position 0).
 
     Args:
         batches: :class:`~neuronhunter.data.batches.TokenBatch` objects (or ``(batch, windows)`` pairs).
@@ -265,9 +267,7 @@ def reference_means(model: HookedModel, sites: Iterable[Site | str], batches: It
     with model.capture(sites, stop_at_layer=stop) as cache:
         for batch in batches:
             batch = batch[0] if isinstance(batch, tuple) else batch
-            mask = batch.attention_mask.bool().clone()
-            if batch.has_bos:
-                mask[:, 0] = False
+            mask = counted_tokens(batch.attention_mask)
             model.forward(batch.input_ids, batch.attention_mask, stop_at_layer=stop)
             count += int(mask.sum())
             for s in sites:

@@ -37,6 +37,7 @@ import torch
 from ..errors import ConfigError
 from ..models.hooked import HookedModel
 from ..models.sites import Site
+from ..stats.tokens import counted_tokens
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +152,7 @@ def collect_features(model: HookedModel, batches: Sequence[Any], categories: Seq
         for bt in batches:
             if bt.labels is None:
                 raise ConfigError("probing needs labelled batches (give a labeller)")
-            keep = bt.attention_mask.bool().clone()
-            if bt.has_bos:
-                keep[:, 0] = False
+            keep = counted_tokens(bt.attention_mask)
             model.forward(bt.input_ids, bt.attention_mask, stop_at_layer=max(layers) + 1)
             for L, s in zip(layers, sites, strict=True):
                 feats[L].append(cache[s][keep.to(cache[s].device)].float().cpu().numpy())

@@ -40,6 +40,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..models.hooked import HookedModel
 from ..models.sites import Site
+from ..stats.tokens import n_counted
 from .interventions import TokenTable, ablation_factory, corpus_losses, reference_means
 
 log = logging.getLogger(__name__)
@@ -284,7 +285,7 @@ def verify_run(run: str | Path, model: HookedModel | None = None, config: Verify
         progress_total(n_units + n_layers * cfg.n_random)
     results = verify_neurons(model, batches, labeller.categories, candidates, cfg, progress=progress)
     summary = summarise(results, cfg)
-    summary["n_tokens"] = int(sum(b.attention_mask[:, 1:].sum() for b in batches))
+    summary["n_tokens"] = sum(n_counted(b.attention_mask) for b in batches)
     summary["run"] = str(run)
     with updating(run) as manifest:  # the run reads as incomplete while its neurons table is rewritten
         write_table(results, run / "verification", formats=("parquet", "csv"))

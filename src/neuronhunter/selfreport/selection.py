@@ -30,6 +30,8 @@ import torch
 
 from ..errors import ConfigError, RunDirError
 from ..models import HookedModel, Site
+from ..stats.accumulators import Moments
+from ..stats.tokens import counted_tokens, n_counted
 from .config import DatasetConfig, NeuronRef, SelectionConfig
 
 log = logging.getLogger(__name__)
@@ -95,19 +97,13 @@ def scan_stats(
     sites = [Site.mlp_post(L) for L in layers]
     d = hooked.d_mlp
     n_l = len(layers)
-    shift: torch.Tensor | None = None
-    sums = torch.zeros(4, n_l, d, dtype=torch.float64)  # power sums of (x - shift)
-    amax = torch.full((n_l, d), -torch.inf, dtype=torch.float64)
-    amin = torch.full((n_l, d), torch.inf, dtype=torch.float64)
-    active = torch.zeros(n_l, d, dtype=torch.float64)
+    moments = [Moments(d, active_threshold) for _ in layers]  # the scan's own accumulator, in float64
     doc_max: dict[int, torch.Tensor] = {}  # doc id -> [layers, d_mlp] max activation in that document
-    count = 0
     with hooked.capture(sites, stop_at_layer=max(layers) + 1) as cache:
         for batch in batches:
             ids, mask = batch[0], batch[1]
             hooked.forward(ids, mask, stop_at_layer=max(layers) + 1)
-            keep = mask.bool().clone()
-            keep[:, 0] = False
+            keep = counted_tokens(mask)
             if not keep.any():
                 continue
             if len(batch) > 2:
@@ -116,38 +112,27 @@ def scan_stats(
                 for row, doc in enumerate(batch[2].tolist()):
                     prev = doc_max.get(doc)
                     doc_max[doc] = full[row] if prev is None else torch.maximum(prev, full[row])
-            # acts: [layers, tokens, d_mlp]
-            acts = torch.stack([cache[s][keep.to(cache[s].device)] for s in sites]).to(torch.float64).cpu()
-            if shift is None:
-                shift = acts.mean(1)
-            x = acts - shift[:, None, :]
-            p = x.clone()
-            for k in range(4):
-                sums[k] += p.sum(1)
-                if k < 3:
-                    p = p * x
-            amax = torch.maximum(amax, acts.amax(1))
-            amin = torch.minimum(amin, acts.amin(1))
-            active += (acts > active_threshold).sum(1)
-            count += acts.shape[1]
-    if count < 2 or shift is None:
+            for m, s in zip(moments, sites, strict=True):
+                m.update(cache[s][keep.to(cache[s].device)].to(torch.float64).cpu())  # [tokens, d_mlp]
+    count = moments[0].count
+    if count < 2:
         raise ConfigError("the selection scan saw fewer than 2 tokens; raise selection.scan_tokens")
-    m1, r2, r3, r4 = (sums[k] / count for k in range(4))
-    m2 = (r2 - m1**2).clamp(min=0)
-    m4 = r4 - 4 * m1 * r3 + 6 * m1**2 * r2 - 3 * m1**4
-    kurt = torch.where(m2 > 1e-20, m4 / m2.clamp(min=1e-20) ** 2 - 3.0, torch.zeros_like(m2))
-    mean = m1 + shift
+    summary = [m.summary() for m in moments]
+
+    def stacked(key: str) -> np.ndarray:
+        return torch.stack([sm[key] for sm in summary]).reshape(-1).numpy()
+
     frame = pd.DataFrame(
         {
             "layer": np.repeat(np.array(layers, dtype=np.int64), d),
             "neuron": np.tile(np.arange(d, dtype=np.int64), n_l),
             "count": np.full(n_l * d, count, dtype=np.int64),
-            "mean": mean.reshape(-1).numpy(),
-            "std": m2.sqrt().reshape(-1).numpy(),
-            "min": amin.reshape(-1).numpy(),
-            "max": amax.reshape(-1).numpy(),
-            "frac_active": (active / count).reshape(-1).numpy(),
-            "kurtosis": kurt.reshape(-1).numpy(),
+            "mean": stacked("mean"),
+            "std": stacked("std"),
+            "min": torch.stack([m.min for m in moments]).double().reshape(-1).numpy(),
+            "max": torch.stack([m.max for m in moments]).double().reshape(-1).numpy(),
+            "frac_active": stacked("frac_active"),
+            "kurtosis": stacked("kurtosis"),
         }
     )
     if doc_max:
@@ -216,7 +201,7 @@ class NeuronScanner:
         def batches():
             for batch, _ in iter_batches(windows, batch_size=8, pad_token_id=pad, has_bos=True):
                 yield batch.input_ids, batch.attention_mask, batch.doc_ids
-                done[0] += int(batch.attention_mask[:, 1:].sum())
+                done[0] += n_counted(batch.attention_mask)
                 if self.progress:
                     self.progress("scanning neurons", min(done[0], total), total)
 

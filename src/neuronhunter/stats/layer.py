@@ -16,6 +16,7 @@ from torch import Tensor
 from .accumulators import ConceptStats, Histogram, Moments, PositionStats, TopK
 from .kernels import reduce_batch
 from .native import usable as native_histogram_usable
+from .tokens import counted_tokens
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,7 @@ class LayerStats:
         """
         b, t, d = acts.shape
         real = mask.to(acts.device).bool()
-        keep = real.clone()
-        if not self.spec.include_first:
-            keep[:, 0] = False
+        keep = counted_tokens(real, include_first=self.spec.include_first)
         n = int(keep.sum())
         # compiled statistics on CPU: the histograms come from the native loop, which reads the activations
         # itself, so the fused kernel need not write a bin index for every activation
