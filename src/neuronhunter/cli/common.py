@@ -110,5 +110,6 @@ DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto [
 DtypeOpt = Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 [default: float32]")]
 CompileOpt = Annotated[bool | None, typer.Option("--compile/--no-compile", help="Fuse the per-batch statistics "
                        "with torch.compile; eager PyTorch if compiling fails [default: compile]")]
-FormatsOpt = Annotated[str | None, typer.Option(help="Table formats, e.g. 'parquet,csv' [default: parquet,csv,json]")]
+FormatsOpt = Annotated[str | None, typer.Option(help="Table formats, e.g. 'parquet,csv' [default: parquet; "
+                                                          "'neuronhunter export' converts later]")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a complete run in --out")]
