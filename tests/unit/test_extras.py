@@ -21,8 +21,9 @@ def test_require_names_the_extra(monkeypatch):
 
 
 def test_every_extra_is_declared_in_pyproject():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     extras = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     for module, (package, extra) in EXTRAS.items():

@@ -1,25 +1,34 @@
 """Direct logit attribution of MLP neurons: which output tokens a neuron promotes and suppresses by itself.
 
-A neuron ``n`` of layer ``L`` adds ``a_n * w_out[n]`` to the residual stream (``w_out[n]``: row ``n`` of
-:meth:`HookedModel.neuron_output_weights`, shape ``[d_model]``). Ignoring every later layer (the *direct* path),
-that write reaches the logits through the final norm and the unembedding ``W_U`` (``[d_model, vocab]``)::
+A neuron ``n`` of layer ``L`` adds ``a_n * w_out[n]`` to the MLP's output (``w_out[n]``: row ``n`` of
+:meth:`HookedModel.neuron_output_weights`, shape ``[d_model]``). In pre-norm blocks (GPT-2, Pythia, Llama, Gemma,
+OLMo) that is the write to the residual stream; in post-norm and sandwich-norm blocks (OLMo2, Gemma 2/3, see
+:mod:`neuronhunter.models.adapters`) the MLP output first passes through the post-feed-forward norm ``N_L``.
+Ignoring every later layer (the *direct* path), the write reaches the logits through the final norm and the
+unembedding ``W_U`` (``[d_model, vocab]``)::
 
-    direct_logits[n] = norm(w_out[n]) @ W_U          # per unit of activation
+    direct_logits[n] = final_norm(N_L(w_out[n])) @ W_U          # per unit of activation
 
 Tied embeddings (SmolLM2, GPT-2) and untied ones are handled alike: ``W_U`` is the output embedding matrix,
 whichever parameter it is.
 
-**The final norm is approximated.** A norm is not linear: ``LN(x) = g * (x - mean(x)) / std(x) + b`` and
-``RMSNorm(x) = g * x / rms(x)`` divide by a statistic of the *whole* residual stream at that token. We keep the
-linear part only:
+**The norms are approximated.** A norm is not linear: ``LN(x) = g * (x - mean(x)) / std(x) + b`` and
+``RMSNorm(x) = g * x / rms(x)`` divide by a statistic of the *whole* vector at that token. We keep the
+linear part only, for the final norm and for the post-feed-forward norm alike:
 
-* the elementwise weight ``g`` is applied (``g`` is ``1 + weight`` for Gemma-style norms);
-* LayerNorm's centring ``x - mean(x)`` is applied (it is linear, hence exact);
+* the elementwise gain ``g`` is applied; the adapter's ``norm_type`` says what it is: the norm's ``weight``
+  (``layernorm``, ``rmsnorm``), ``1 + weight`` (``rmsnorm_plus_one``, Gemma), or none (``layernorm_noweight``,
+  OLMo's parameter-free LayerNorm);
+* LayerNorm's centring ``x - mean(x)`` is applied (it is linear, hence exact), weighted or not;
 * the division by ``std``/``rms`` is dropped (a positive per-token scalar: it rescales every token's direct
   logit alike and does not change a neuron's ranking of tokens), and so is LayerNorm's bias ``b`` (a constant
   that does not depend on the neuron).
 
-Pass ``through_norm=False`` for the raw ``w_out[n] @ W_U``.
+So for a post-norm block the exact direct effect of the whole MLP output at one token is the sum over neurons of
+``a_n * direct_logits[n]`` times the post-norm's and the final norm's per-token scales ``1/rms``. Logit soft-capping
+(Gemma 2's ``tanh`` on the final logits) comes after ``W_U`` and is not included.
+
+Pass ``through_norm=False`` for the raw ``w_out[n] @ W_U`` (no norm of any kind).
 """
 
 from __future__ import annotations
@@ -40,25 +49,39 @@ log = logging.getLogger(__name__)
 LOGITS_COLUMNS = ["layer", "neuron", "rank", "direction", "token", "token_id", "value"]
 
 
-def norm_linear_part(model: HookedModel) -> tuple[Tensor | None, bool]:
-    """The linear part of the final norm: ``(elementwise weight or None, centre first?)``."""
-    norm = model.final_norm()
+def linear_part(norm: nn.Module, norm_type: str) -> tuple[Tensor | None, bool]:
+    """The linear part of one norm module of type ``norm_type`` (an adapter's ``norm_type``):
+    ``(elementwise gain or None, centre first?)``."""
     weight = getattr(norm, "weight", None)
-    if weight is not None:
-        weight = weight.detach()
-        if "gemma" in type(norm).__name__.lower():  # Gemma RMSNorm multiplies by (1 + weight)
-            weight = 1.0 + weight
-    return weight, isinstance(norm, nn.LayerNorm)
+    if norm_type == "layernorm_noweight" or weight is None:
+        gain = None
+    elif norm_type == "rmsnorm_plus_one":  # Gemma RMSNorm multiplies by (1 + weight)
+        gain = 1.0 + weight.detach()
+    else:
+        gain = weight.detach()
+    return gain, norm_type in ("layernorm", "layernorm_noweight")
 
 
-def direct_logit_weights(model: HookedModel, layer: int, neurons: Sequence[int] | Tensor | None = None, *,
-                         through_norm: bool = True) -> Tensor:
-    """Direct effect on the logits of one unit of each neuron's activation: ``[n_neurons, vocab]``.
+def _apply_linear_part(v: Tensor, norm: nn.Module, norm_type: str) -> Tensor:
+    gain, centre = linear_part(norm, norm_type)
+    if centre:
+        v = v - v.mean(-1, keepdim=True)
+    if gain is not None:
+        v = v * gain.to(v.dtype)
+    return v
 
-    Args:
-        layer: the MLP layer.
-        neurons: neuron indices (None = all ``d_mlp``).
-        through_norm: apply the linear part of the final norm (see the module docstring).
+
+def norm_linear_part(model: HookedModel) -> tuple[Tensor | None, bool]:
+    """The linear part of the final norm: ``(elementwise gain or None, centre first?)``."""
+    return linear_part(model.final_norm(), model.adapter.norm_type)
+
+
+def neuron_writes(model: HookedModel, layer: int, neurons: Sequence[int] | Tensor | None = None, *,
+                  through_norm: bool = True) -> Tensor:
+    """What one unit of each neuron's activation writes to the residual stream: ``[n_neurons, d_model]``.
+
+    ``w_out[n]``, passed through the linear part of the post-feed-forward norm where the block has one (see the
+    module docstring); ``through_norm=False`` gives the raw ``w_out[n]``.
     """
     model.check_layers([layer])
     w_out = model.neuron_output_weights(layer).detach()  # [d_mlp, d_model]
@@ -68,18 +91,32 @@ def direct_logit_weights(model: HookedModel, layer: int, neurons: Sequence[int] 
             bad = int(idx[(idx < 0) | (idx >= model.d_mlp)][0])
             raise SiteError(f"neuron {bad} is out of range: {model.name} has neurons 0..{model.d_mlp - 1} per layer")
         w_out = w_out[idx.to(w_out.device)]
-    return write_to_logits(model, w_out, through_norm=through_norm)
+    post = model.mlp_out_norm(layer)
+    if through_norm and post is not None:
+        w_out = _apply_linear_part(w_out, post, model.adapter.norm_type)
+    return w_out
+
+
+def direct_logit_weights(model: HookedModel, layer: int, neurons: Sequence[int] | Tensor | None = None, *,
+                         through_norm: bool = True) -> Tensor:
+    """Direct effect on the logits of one unit of each neuron's activation: ``[n_neurons, vocab]``.
+
+    Args:
+        layer: the MLP layer.
+        neurons: neuron indices (None = all ``d_mlp``).
+        through_norm: apply the linear part of the post-feed-forward norm (if any) and of the final norm (see the
+            module docstring).
+    """
+    writes = neuron_writes(model, layer, neurons, through_norm=through_norm)
+    return write_to_logits(model, writes, through_norm=through_norm)
 
 
 def write_to_logits(model: HookedModel, vectors: Tensor, *, through_norm: bool = True) -> Tensor:
-    """Direct logits ``[n, vocab]`` of residual-stream writes ``vectors`` ``[n, d_model]``."""
+    """Direct logits ``[n, vocab]`` of residual-stream writes ``vectors`` ``[n, d_model]`` (through the linear part
+    of the final norm unless ``through_norm=False``)."""
     v = vectors.to(model.dtype)
     if through_norm:
-        weight, centre = norm_linear_part(model)
-        if centre:
-            v = v - v.mean(-1, keepdim=True)
-        if weight is not None:
-            v = v * weight
+        v = _apply_linear_part(v, model.final_norm(), model.adapter.norm_type)
     with torch.no_grad():
         return v @ model.unembed_matrix().detach()
 

@@ -59,7 +59,8 @@ class HookedModel:
     """A Hugging Face causal LM with named hook sites.
 
     Args:
-        model: an HF ``*ForCausalLM`` (GPT-2, GPT-NeoX/Pythia, Llama family).
+        model: an HF ``*ForCausalLM`` of a family in :data:`~neuronhunter.models.adapters.ADAPTERS` (GPT-2,
+            GPT-NeoX/Pythia, Llama, Mistral, Qwen2/3, Gemma 1/2/3, OLMo 1/2).
         tokenizer: its tokenizer (a fast tokenizer is needed for word offsets).
         name: a display name (alias or path) recorded in run manifests.
         info: extra facts about where the model came from (for manifests).
@@ -80,7 +81,7 @@ class HookedModel:
         self.name = name
         self.info = dict(info or {})
         self.config = model.config
-        self.adapter = adapter or adapter_for(model.config.model_type)
+        self.adapter = (adapter or adapter_for(model.config.model_type)).resolved(model.config)
         self.blocks: nn.ModuleList = model.get_submodule(self.adapter.layers)
         block0 = self.blocks[0]
         self.n_layers = len(self.blocks)
@@ -152,8 +153,9 @@ class HookedModel:
         return {
             "hook_resid_pre": (self.blocks[L], "pre"),
             "hook_resid_post": (self.blocks[L], "post"),
-            "hook_attn_out": (self.module(L, a.attn), "post"),
-            "hook_mlp_out": (self.module(L, a.mlp), "post"),
+            # what the block adds to the residual stream: the post-norm's output where there is one
+            "hook_attn_out": (self.module(L, a.attn_out_norm or a.attn), "post"),
+            "hook_mlp_out": (self.module(L, a.mlp_out_norm or a.mlp), "post"),
             "mlp.hook_pre": (self.module(L, a.mlp_in_proj), "post"),
             "mlp.hook_post": (self.module(L, a.mlp_out_proj), "pre"),
             "attn.hook_z": (self.module(L, a.attn_out_proj), "pre"),
@@ -358,3 +360,13 @@ class HookedModel:
 
     def final_norm(self) -> nn.Module:
         return self.model.get_submodule(self.adapter.final_norm)
+
+    def mlp_out_norm(self, layer: int) -> nn.Module | None:
+        """The norm applied to layer ``layer``'s MLP output before the residual add (post/sandwich norms), or None."""
+        path = self.adapter.mlp_out_norm
+        return None if path is None else self.module(layer, path)
+
+    def attn_out_norm(self, layer: int) -> nn.Module | None:
+        """The norm applied to layer ``layer``'s attention output before the residual add, or None."""
+        path = self.adapter.attn_out_norm
+        return None if path is None else self.module(layer, path)

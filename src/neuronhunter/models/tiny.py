@@ -17,7 +17,19 @@ import torch
 from ..errors import ModelLoadError
 from .hooked import HookedModel
 
-FAMILIES = ("gpt2", "gpt_neox", "llama")
+FAMILIES = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
+
+# Llama-like families: (config class, model class) names in ``transformers``.
+_LLAMA_LIKE = {
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM"),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+}
 
 
 def gpt2_tokenizer() -> Any:
@@ -43,7 +55,14 @@ def gpt2_tokenizer() -> Any:
 
 def tiny_hf_model(family: str = "gpt2", *, n_layers: int = 2, d_model: int = 64, n_heads: int = 4,
                   d_mlp: int = 128, vocab_size: int = 50257, n_ctx: int = 256, seed: int = 0) -> Any:
-    """A randomly initialised HF causal LM of the given family (``gpt2``, ``gpt_neox``, ``llama``)."""
+    """A randomly initialised HF causal LM of the given family (one of :data:`FAMILIES`).
+
+    Llama-like families keep their real config classes and defaults except for size, ``head_dim``
+    (``d_model // n_heads``), token ids (GPT-2's ``<|endoftext|>``, no padding index) and sliding windows, which
+    are set to ``n_ctx`` so that short test inputs see plain causal attention; Gemma 2/3 alternate sliding and
+    full attention layers. Gemma 2 keeps its attention and final-logit soft-capping.
+    """
+    import transformers
     from transformers import (
         GPT2Config,
         GPT2LMHeadModel,
@@ -69,6 +88,20 @@ def tiny_hf_model(family: str = "gpt2", *, n_layers: int = 2, d_model: int = 64,
                           num_key_value_heads=max(1, n_heads // 2), intermediate_size=d_mlp, vocab_size=vocab_size,
                           max_position_embeddings=n_ctx, tie_word_embeddings=True, **common)
         model = LlamaForCausalLM(cfg)
+    elif family in _LLAMA_LIKE:
+        config_cls, model_cls = (getattr(transformers, name) for name in _LLAMA_LIKE[family])
+        kwargs: dict[str, Any] = dict(
+            num_hidden_layers=n_layers, hidden_size=d_model, num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2), intermediate_size=d_mlp, vocab_size=vocab_size,
+            max_position_embeddings=n_ctx, head_dim=d_model // n_heads, pad_token_id=None, **common)
+        if family in ("mistral", "gemma2", "gemma3_text"):
+            kwargs["sliding_window"] = n_ctx
+        if family in ("gemma2", "gemma3_text"):
+            kwargs["query_pre_attn_scalar"] = d_model // n_heads
+            kwargs["layer_types"] = [("sliding_attention", "full_attention")[i % 2] for i in range(n_layers)]
+        if family in ("olmo", "olmo2"):
+            kwargs.pop("head_dim")  # derived from hidden_size / num_attention_heads
+        model = model_cls(config_cls(**kwargs))
     else:
         raise ModelLoadError(f"unknown tiny model family {family!r}; use one of {', '.join(FAMILIES)}")
     return model.eval()
