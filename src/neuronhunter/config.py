@@ -37,8 +37,13 @@ class ScanConfig(StrictModel):
     prepend_bos: bool = Field(True, description="prepend the model's BOS token to every window")
     include_first: bool = Field(False, description="count position 0 (BOS/first token) in statistics and top-k")
     threshold: float = Field(0.0, description="a neuron is active on a token when its activation > threshold")
-    hist_range: tuple[float, float] = Field((-2.0, 4.0), description="histogram range (under/overflow bins added)")
-    hist_bins: int = Field(60, ge=1, le=10000)
+    hist_range: tuple[float, float] | None = Field(None, description="one histogram range for every neuron; None: "
+                                                   "each neuron's own range, calibrated on the first windows")
+    hist_bins: int = Field(64, ge=1, le=10000, description="histogram bins (plus an underflow and an overflow bin)")
+    calibration_windows: int = Field(16, ge=1, description="windows read before the scan to fix each neuron's "
+                                     "histogram range and exemplar bands")
+    band_samples: int = Field(3, ge=1, le=64, description="exemplar windows sampled per band of activation and "
+                              "direction")
     context_tokens: tuple[int, int] = Field((12, 4), description="tokens of context left/right of an example")
     concepts: str | None = Field(None, description="concept lexicon file (YAML/JSON); None = no concept statistics")
     label_last_token_only: bool = Field(False, description="label only the last token of a multi-token word")
@@ -56,8 +61,7 @@ class ScanConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> ScanConfig:
-        lo, hi = self.hist_range
-        if not hi > lo:
+        if self.hist_range is not None and not self.hist_range[1] > self.hist_range[0]:
             raise ValueError("hist_range must be (low, high) with high > low")
         bad = set(self.formats) - {"parquet", "csv", "json"}
         if bad or "parquet" not in self.formats:

@@ -350,7 +350,7 @@ def rescore_run(run: str | Path, thresholds: VerdictThresholds | None = None, *,
     examples = {}
     if (run / "examples.parquet").exists():
         ex = read_table(run / "examples.parquet")
-        first = ex[ex["rank"] == 0]
+        first = ex[(ex["kind"] == "top") & (ex["rank"] == 0)] if "kind" in ex.columns else ex[ex["rank"] == 0]
         examples = {(int(a), int(b)): str(c)
                     for a, b, c in zip(first["layer"], first["neuron"], first["context"], strict=True)}
     result = assemble(scores, read_table(run / "neurons.parquet"), read_table(run / "concepts.parquet"),

@@ -18,6 +18,7 @@ variation (the allocator's slack).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import platform
 import time
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -35,8 +37,10 @@ from .errors import ConfigError, CorpusError, NeuronHunterError, RunDirError
 from .models.hooked import HookedModel, StopForward
 from .models.sites import Site
 from .runfolder import CHECKPOINT, RunFolder
-from .stats.layer import LayerStats, StatsSpec
+from .stats.concepts import label_bits
+from .stats.layer import Calibration, LayerStats, StatsSpec
 from .stats.state import ScanState, StoredWindow, load_state, model_fingerprint, save_state, settings_digest
+from .stats.tokens import counted_tokens, n_counted
 
 __all__ = ["CHECKPOINT", "ScanState", "Scanner", "StoredWindow", "load_state", "run_scan", "save_state"]
 
@@ -49,11 +53,32 @@ ProgressFn = Callable[[int, int | None], None]  # (tokens done, total tokens or 
 
 
 def stats_spec(cfg: ScanConfig, categories: list[str]) -> StatsSpec:
+    lo, hi = cfg.hist_range if cfg.hist_range is not None else (None, None)
     return StatsSpec(
-        top_k=cfg.top_k, threshold=cfg.threshold, hist_lo=cfg.hist_range[0], hist_hi=cfg.hist_range[1],
-        hist_bins=cfg.hist_bins, n_positions=cfg.context_length, include_first=cfg.include_first,
-        categories=tuple(categories),
+        top_k=cfg.top_k, threshold=cfg.threshold, hist_lo=lo, hist_hi=hi, hist_bins=cfg.hist_bins,
+        n_positions=cfg.context_length, include_first=cfg.include_first, categories=tuple(categories),
+        band_samples=cfg.band_samples, seed=cfg.seed,
     )
+
+
+WINDOW_BITS = 24  # windows per document: up to 16M (2 billion tokens at 128 per window)
+
+
+def window_key(doc_id: int, index: int) -> int:
+    """The global id of the ``index``-th window of document ``doc_id`` (its place in the corpus): the same in
+    every shard, so shards merge without renumbering and ties between windows go to the earlier one."""
+    if index >= 1 << WINDOW_BITS:
+        raise CorpusError(f"document {doc_id} has more than {1 << WINDOW_BITS:,} windows")
+    return (int(doc_id) << WINDOW_BITS) | int(index)
+
+
+def shard_of(source: str, n: int) -> int:
+    """The shard (0..n-1) of a document, from a stable hash of its source (file and line or row): results do not
+    depend on how many workers scan the shards or in which order they finish."""
+    import hashlib
+
+    digest = hashlib.blake2b(source.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n
 
 
 def resume_key(cfg: ScanConfig) -> dict[str, Any]:
@@ -84,8 +109,12 @@ class Scanner:
     The checks of the model's limits (layers, context length) run here, before anything is written.
     """
 
-    def __init__(self, model: HookedModel, cfg: ScanConfig, labeller: TokenLabeller | None = None) -> None:
+    def __init__(self, model: HookedModel, cfg: ScanConfig, labeller: TokenLabeller | None = None, *,
+                 shard: tuple[int, int] | None = None) -> None:
         self.model, self.cfg, self.labeller = model, cfg, labeller
+        if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
+            raise ConfigError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+        self.shard = shard
         self.layers = model.check_layers(cfg.layers if cfg.layers is not None else range(model.n_layers))
         if not self.layers:
             raise ConfigError("no layers to scan")
@@ -107,14 +136,64 @@ class Scanner:
             self._model_fp = model_fingerprint(self.model.model)
         return self._model_fp
 
-    def new_state(self) -> ScanState:
+    def new_state(self, calibration: dict[int, Calibration] | None = None) -> ScanState:
+        """A fresh state; its per-neuron ranges come from ``calibration`` (default: :meth:`calibrate`, or the
+        fixed ``hist_range`` when one is configured)."""
         spec = stats_spec(self.cfg, self.categories)
-        return ScanState({layer: LayerStats(layer, self.n_neurons, spec) for layer in self.layers},
-                         model_fp=self.model_fp, settings=self.settings)
+        if calibration is None:
+            calibration = self.calibrate() if self.cfg.hist_range is None else {}
+        return ScanState({layer: LayerStats(layer, self.n_neurons, spec, calibration=calibration.get(layer))
+                          for layer in self.layers}, model_fp=self.model_fp, settings=self.settings)
 
-    def windows(self) -> Any:
-        return iter_windows(self.corpus, self.model.tokenizer, context_length=self.cfg.context_length,
-                            bos_token_id=self.bos, labeller=self.labeller, max_tokens=self.cfg.max_tokens)
+    def calibrate(self) -> dict[int, Calibration]:
+        """Each neuron's range on the scan's first ``calibration_windows`` windows (one forward pass over them,
+        batched as the scan batches): it fixes the histogram bins and the exemplar band scales of every neuron
+        before the scan starts, so that all batches, shards and resumed runs share them."""
+        cfg, model, n = self.cfg, self.model, self.n_neurons
+        lo = {layer: torch.full((n,), float("inf")) for layer in self.layers}
+        hi = {layer: torch.full((n,), float("-inf")) for layer in self.layers}
+        current: dict[str, torch.Tensor] = {}
+        last = max(self.layers)
+
+        def make_hook(layer: int) -> Callable[[torch.Tensor, Site], None]:
+            def hook(act: torch.Tensor, _site: Site) -> None:
+                a = act[..., :n].float()
+                keep = counted_tokens(current["mask"], include_first=cfg.include_first).unsqueeze(-1)
+                torch.minimum(lo[layer], torch.where(keep, a, float("inf")).amin((0, 1)).cpu(), out=lo[layer])
+                torch.maximum(hi[layer], torch.where(keep, a, float("-inf")).amax((0, 1)).cpu(), out=hi[layer])
+                if layer == last:
+                    raise StopForward
+
+            return hook
+
+        fns = {Site.mlp_post(layer): make_hook(layer) for layer in self.layers}
+        pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+        windows = itertools.islice(self.windows(all_shards=True, labelled=False), cfg.calibration_windows)
+        n_windows = n_tokens = 0
+        for batch, wins in iter_batches(windows, batch_size=cfg.batch_size, pad_token_id=pad,
+                                        has_bos=self.bos is not None):
+            current["mask"] = batch.attention_mask.to(model.device)
+            with torch.inference_mode(), model.hooks(fns):
+                model.forward(batch.input_ids, current["mask"], stop_at_layer=last + 1)
+            n_windows += len(wins)
+            n_tokens += n_counted(batch.attention_mask, include_first=cfg.include_first)
+        return {layer: Calibration.from_extremes(lo[layer], hi[layer], windows=n_windows, tokens=n_tokens)
+                for layer in self.layers}
+
+    def documents(self, *, all_shards: bool = False) -> Iterator[Any]:
+        """The corpus's documents, those of this scanner's shard only (unless ``all_shards``)."""
+        for doc in self.corpus:
+            if self.shard is None or all_shards or shard_of(doc.source, self.shard[1]) == self.shard[0]:
+                yield doc
+
+    def windows(self, *, all_shards: bool = False, labelled: bool = True) -> Iterator[Window]:
+        """The scan's windows, numbered globally (:func:`window_key`: the same id whatever the shard)."""
+        step = self.cfg.context_length - (1 if self.bos is not None else 0)
+        for w in iter_windows(self.documents(all_shards=all_shards), self.model.tokenizer,
+                              context_length=self.cfg.context_length, bos_token_id=self.bos,
+                              labeller=self.labeller if labelled else None, max_tokens=self.cfg.max_tokens):
+            w.window_id = window_key(w.doc_id, w.start // step)
+            yield w
 
     def count_tokens(self) -> int | None:
         """Total corpus tokens for progress bars (None for streamed hub datasets)."""
@@ -123,7 +202,7 @@ class Scanner:
         from .data.batches import tokenize_document
 
         total = 0
-        for doc in self.corpus:
+        for doc in self.documents():
             total += len(tokenize_document(self.model.tokenizer, doc.text)[0])
             if self.cfg.max_tokens is not None and total >= self.cfg.max_tokens:
                 return self.cfg.max_tokens
@@ -220,7 +299,10 @@ class Scanner:
     @staticmethod
     def _store(state: ScanState, wins: list[Window]) -> None:
         for w in wins:
-            state.windows[w.window_id] = StoredWindow(w.doc_id, w.start, list(w.ids), w.source)
+            bits = None
+            if w.labels is not None:
+                bits = label_bits(torch.from_numpy(np.ascontiguousarray(w.labels))).tolist()
+            state.windows[w.window_id] = StoredWindow(w.doc_id, w.start, list(w.ids), w.source, bits)
             state.add_window(w.source, w.start, w.ids)
 
 

@@ -69,7 +69,7 @@ def test_pages_hold_every_neuron_and_its_examples(scan_run):
     for rec in layer1.itertuples():
         row = rows[rec.neuron]
         assert row["max"] == pytest.approx(rec.max, abs=1e-4) and row["hist"] == list(rec.hist)
-        ex = examples[(examples.layer == 1) & (examples.neuron == rec.neuron)].sort_values("rank")
+        ex = examples[(examples.layer == 1) & (examples.neuron == rec.neuron) & (examples.kind == "top")].sort_values("rank")
         assert [e["a"] for e in row["ex"]] == pytest.approx(ex.activation.tolist(), abs=1e-4)
         for e, ctx in zip(row["ex"], ex.context, strict=True):
             assert e["l"] + "[[" + e["t"] + "]]" + e["r"] == ctx

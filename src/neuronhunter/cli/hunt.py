@@ -265,6 +265,8 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
             text = text_file.read_text(encoding="utf-8")
         if text is None:
             ex = read_table(run_path / "examples.parquet") if (run_path / "examples.parquet").exists() else None
+            if ex is not None and "kind" in ex.columns:
+                ex = ex[ex.kind == "top"]
             row = None if ex is None else ex[(ex.layer == layer) & (ex.neuron == neuron)].sort_values("rank")
             if row is None or row.empty:
                 raise ConfigError(f"no stored example for neuron {layer}.{neuron}; pass --text")

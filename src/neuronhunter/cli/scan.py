@@ -48,7 +48,7 @@ def print_scan_summary(result, *, top: int = 1) -> None:
 
     neurons = result.neurons_frame()
     examples = result.examples_frame()
-    first = examples[examples["rank"] == 0].set_index(["layer", "neuron"])
+    first = examples[(examples["kind"] == "top") & (examples["rank"] == 0)].set_index(["layer", "neuron"])
     m = result.manifest()
     t = result.timings
     console.print(

@@ -73,7 +73,8 @@ def _layer_rows(frame: Any, examples: Any | None, per_neuron: int | None) -> lis
     cols = [c for c in NEURON_COLUMNS if c in frame.columns]
     by_neuron: dict[int, list[dict[str, Any]]] = {}
     if examples is not None:
-        ex = examples.sort_values(["neuron", "rank"])
+        ex = examples[examples["kind"] == "top"] if "kind" in examples.columns else examples
+        ex = ex.sort_values(["neuron", "rank"])
         if per_neuron is not None:
             ex = ex[ex["rank"] < per_neuron]
         for row in ex.itertuples(index=False):
@@ -85,6 +86,10 @@ def _layer_rows(frame: Any, examples: Any | None, per_neuron: int | None) -> lis
     for rec in frame.sort_values("neuron").to_dict("records"):
         row = {c: _clean(rec[c]) if c != "categories" else str(rec[c] or "") for c in cols}
         row["hist"] = [int(v) for v in rec["hist"]] if "hist" in rec else []
+        if "hist_lo" in rec and row["hist"]:  # each neuron's own bins (calibrated ranges)
+            n_bins = len(row["hist"]) - 2
+            row["edges"] = [_clean(rec["hist_lo"] + (rec["hist_hi"] - rec["hist_lo"]) * i / n_bins)
+                            for i in range(n_bins + 1)]
         row["ex"] = by_neuron.get(int(rec["neuron"]), [])
         row["top"] = row["ex"][0]["t"] if row["ex"] else ""
         rows.append(row)

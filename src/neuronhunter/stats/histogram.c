@@ -6,9 +6,11 @@
  *
  * x          row-major activations: ``rows`` rows, row i starting at x + i * row_stride, ``d`` neurons each
  * keep       one byte per row: 0 = the row does not count (padding, position 0)
- * scale, shift, top: the bin of v is floor(clamp(v * scale + shift, 0, top)), so 0 is the underflow bin and
- *            nb - 1 the overflow bin (top = nb - 0.5); NaN goes to the underflow bin
+ * scale, shift: one float per neuron; the bin of v for neuron j is floor(clamp(v * scale[j] + shift[j], 0, top)),
+ *            so 0 is the underflow bin and nb - 1 the overflow bin (top = nb - 0.5); NaN goes to the underflow bin
  * counts     int64 [d, nb], incremented in place
+ * groups     NULL, or one uint64 bit mask per row: the groups (concept categories) the row belongs to
+ * gcounts    int32 [n_groups, d, nb], incremented in place for each group bit set in a counted row
  */
 #include <stdint.h>
 #ifdef _OPENMP
@@ -18,7 +20,8 @@
 #define CHUNK 512
 
 void nh_histogram_f32(const float *x, const uint8_t *keep, int64_t rows, int64_t d, int64_t row_stride,
-                      float scale, float shift, float top, int64_t nb, int64_t *counts, int threads)
+                      const float *scale, const float *shift, float top, int64_t nb, int64_t *counts,
+                      const uint64_t *groups, int64_t n_groups, int32_t *gcounts, int threads)
 {
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
@@ -37,10 +40,11 @@ void nh_histogram_f32(const float *x, const uint8_t *keep, int64_t rows, int64_t
             if (!keep[i])
                 continue;
             const float *row = x + i * row_stride;
+            uint64_t mask = groups ? groups[i] : 0;
             for (int64_t c0 = j0; c0 < j1; c0 += CHUNK) {
                 int64_t n = j1 - c0 < CHUNK ? j1 - c0 : CHUNK;
                 for (int64_t k = 0; k < n; k++) { /* vectorised: bins of a run of neurons */
-                    float v = row[c0 + k] * scale + shift;
+                    float v = row[c0 + k] * scale[c0 + k] + shift[c0 + k];
                     v = v >= 0.0f ? v : 0.0f; /* also NaN */
                     v = v < top ? v : top;
                     bin[k] = (int32_t)v;
@@ -48,6 +52,13 @@ void nh_histogram_f32(const float *x, const uint8_t *keep, int64_t rows, int64_t
                 int64_t *c = counts + c0 * nb;
                 for (int64_t k = 0; k < n; k++)
                     c[k * nb + bin[k]]++;
+                for (int64_t g = 0; g < n_groups; g++) {
+                    if (!((mask >> g) & 1u))
+                        continue;
+                    int32_t *gc = gcounts + (g * d + c0) * nb;
+                    for (int64_t k = 0; k < n; k++)
+                        gc[k * nb + bin[k]]++;
+                }
             }
         }
     }

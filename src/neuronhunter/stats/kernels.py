@@ -36,17 +36,21 @@ class BatchSums(NamedTuple):
 
     wmax: Tensor  # [b, d] each window's maximum over its counted tokens (-inf for a window without any)
     wpos: Tensor  # [b, d] position of that maximum (first occurrence)
+    wmin: Tensor  # [b, d] each window's minimum over its counted tokens (+inf for a window without any)
+    wminpos: Tensor  # [b, d] position of that minimum (first occurrence)
     vmin: Tensor  # [d] minimum over the counted tokens (+inf if none)
     pos_sums: Tensor  # [t, d] per-position sums of the counted tokens
     s2: Tensor  # [d] sum of x**2 over the counted tokens (float32)
     s3: Tensor  # [d] sum of x**3
     s4: Tensor  # [d] sum of x**4
     active: Tensor  # [d] number of counted tokens with x > threshold
+    active_neg: Tensor  # [d] number of counted tokens with x < -threshold
     bins: Tensor | None  # [b * t * d] histogram index ``bin + n_bins * neuron``; uncounted tokens get ``trash``
 
 
 def bin_index(x: Tensor, scale: Tensor, shift: Tensor, top: Tensor, offsets: Tensor) -> Tensor:
-    """Flat histogram index of every value of ``x [..., d]``: ``bin + (n_bins + 2) * neuron``.
+    """Flat histogram index of every value of ``x [..., d]``: ``bin + (n_bins + 2) * neuron`` (``scale`` and
+    ``shift`` are ``[d]``: each neuron has its own bins).
 
     ``x * scale + shift`` puts the underflow bin at ``[0, 1)`` and the overflow bin at ``[n_bins + 1, ...)``; after
     clamping to ``[0, top]`` (``top = n_bins + 1.5``) the conversion to int (truncation) is the floor; NaN goes to
@@ -69,17 +73,19 @@ def batch_reduce(
         x = x.float()
     k = keep.unsqueeze(-1)
     wmax, wpos = torch.where(k, x, float("-inf")).max(1)  # values and first index in one pass
+    wmin, wminpos = torch.where(k, x, float("inf")).min(1)  # both tails: the bottom-k windows come from these
     z = torch.where(k, x, 0.0)  # uncounted tokens contribute nothing to the sums
     z2 = z * z
     # every reduction is first taken over positions (dim 1), like the window maxima, then over the few windows:
     # compiled, they share one loop over the batch (reducing over (0, 1) at once takes a second loop)
-    vmin = torch.where(k, x, float("inf")).amin(1).amin(0)
-    uncounted = (~keep).sum() * (threshold < 0)  # their zeros are "active" only below a negative threshold
+    vmin = wmin.amin(0)
+    uncounted = (~keep).sum() * (threshold < 0)  # their zeros are "active" (either way) only if threshold < 0
     bins = torch.where(k, bin_index(x, scale, shift, top, offsets), trash).reshape(-1) if with_bins else None
     return BatchSums(
-        wmax=wmax, wpos=wpos, vmin=vmin, pos_sums=z.sum(0),
+        wmax=wmax, wpos=wpos, wmin=wmin, wminpos=wminpos, vmin=vmin, pos_sums=z.sum(0),
         s2=z2.sum(1).sum(0), s3=(z2 * z).sum(1).sum(0), s4=(z2 * z2).sum(1).sum(0),
-        active=(z > threshold).sum(1).sum(0) - uncounted, bins=bins,
+        active=(z > threshold).sum(1).sum(0) - uncounted, active_neg=(z < -threshold).sum(1).sum(0) - uncounted,
+        bins=bins,
     )
 
 
@@ -138,7 +144,8 @@ def reduce_batch(x: Tensor, keep: Tensor, constants: tuple[Tensor, ...], trash: 
             x = torch.nn.functional.pad(x, (0, 0, 0, pad_t, 0, pad_b))
             keep = torch.nn.functional.pad(keep, (0, pad_t, 0, pad_b), value=False)
             r = _kernel(x, with_bins, False)(x, keep, *constants, trash, with_bins)
-            return r._replace(wmax=r.wmax[:b], wpos=r.wpos[:b], pos_sums=r.pos_sums[:t])
+            return r._replace(wmax=r.wmax[:b], wpos=r.wpos[:b], wmin=r.wmin[:b], wminpos=r.wminpos[:b],
+                              pos_sums=r.pos_sums[:t])
         except Exception as exc:  # inductor needs a C++ compiler on CPU and Triton on CUDA
             _compile_failed = True
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

@@ -91,7 +91,8 @@ def _load() -> ctypes.CDLL:
     fn = lib.nh_histogram_f32
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                   ctypes.c_float, ctypes.c_float, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     return lib
 
 
@@ -120,9 +121,15 @@ def usable(x: Tensor) -> bool:
     return x.device.type == "cpu" and x.is_floating_point() and library() is not None
 
 
-def add_histogram(counts: Tensor, x: Tensor, keep: Tensor, scale: float, shift: float, top: float) -> None:
+def add_histogram(counts: Tensor, x: Tensor, keep: Tensor, scale: Tensor, shift: Tensor, top: float,
+                  groups: Tensor | None = None, group_counts: Tensor | None = None) -> None:
     """Add ``x [..., d]`` (rows where ``keep [...]`` is True) to ``counts [d, nb]`` (int64, CPU) in place; the bin of
-    ``v`` is ``floor(clamp(v * scale + shift, 0, top))`` (NaN: 0), as in :func:`~neuronhunter.stats.kernels.bin_index`."""
+    ``v`` for neuron ``j`` is ``floor(clamp(v * scale[j] + shift[j], 0, top))`` (NaN: 0), as in
+    :func:`~neuronhunter.stats.kernels.bin_index`.
+
+    With ``groups`` (one int64 bit mask per row) each counted row is also added to ``group_counts [G, d, nb]``
+    (int32) for every group bit set (the per-category histograms of the hunt), from the same bins.
+    """
     lib = library()
     if lib is None:
         raise RuntimeError("the native histogram is not available")
@@ -137,5 +144,20 @@ def add_histogram(counts: Tensor, x: Tensor, keep: Tensor, scale: float, shift: 
         raise ValueError("keep must be a bool tensor with one entry per row of x")
     if not (counts.dtype == torch.int64 and counts.is_contiguous() and counts.shape[0] == d and counts.device.type == "cpu"):
         raise ValueError("counts must be a contiguous int64 CPU tensor [d, bins]")
-    lib.nh_histogram_f32(rows.data_ptr(), flags.data_ptr(), rows.shape[0], d, rows.stride(0), scale, shift, top,
-                         counts.shape[1], counts.data_ptr(), torch.get_num_threads())
+    scale = scale.to(torch.float32).contiguous()
+    shift = shift.to(torch.float32).contiguous()
+    if scale.shape != (d,) or shift.shape != (d,):
+        raise ValueError("scale and shift must hold one value per neuron")
+    g_ptr = gc_ptr = None
+    n_groups = 0
+    if groups is not None:
+        if group_counts is None or group_counts.dtype != torch.int32 or not group_counts.is_contiguous() or \
+                group_counts.shape[1:] != counts.shape:
+            raise ValueError("group_counts must be a contiguous int32 tensor [groups, d, bins]")
+        groups = groups.reshape(-1).to(torch.int64).contiguous()
+        if groups.numel() != rows.shape[0]:
+            raise ValueError("groups must hold one bit mask per row of x")
+        g_ptr, gc_ptr, n_groups = groups.data_ptr(), group_counts.data_ptr(), group_counts.shape[0]
+    lib.nh_histogram_f32(rows.data_ptr(), flags.data_ptr(), rows.shape[0], d, rows.stride(0), scale.data_ptr(),
+                         shift.data_ptr(), top, counts.shape[1], counts.data_ptr(), g_ptr, n_groups, gc_ptr,
+                         torch.get_num_threads())

@@ -36,10 +36,15 @@ FINGERPRINT_MOD = 1 << 256
 
 @dataclass
 class StoredWindow:
+    """The tokens of a window an exemplar refers to; ``labels`` holds one concept bit mask per token (bit ``c`` for
+    category ``c``, bit ``C`` for "unlabelled", see :func:`~neuronhunter.stats.concepts.label_bits`) when the scan
+    labels tokens."""
+
     doc_id: int
     start: int
     ids: list[int]
     source: str
+    labels: list[int] | None = None
 
 
 def window_digest(source: str, start: int, ids: list[int]) -> int:
@@ -154,7 +159,7 @@ class ScanState:
     def state_dict(self) -> dict[str, Any]:
         return {
             "layers": {layer: ls.state_dict() for layer, ls in self.layers.items()},
-            "windows": {w: [v.doc_id, v.start, v.ids, v.source] for w, v in self.windows.items()},
+            "windows": {w: [v.doc_id, v.start, v.ids, v.source, v.labels] for w, v in self.windows.items()},
             "batches_done": self.batches_done, "tokens": self.tokens, "n_windows": self.n_windows,
             "documents": self.documents, "corpus_fp": self.corpus_fingerprint, "model_fp": self.model_fp,
             "settings": self.settings,

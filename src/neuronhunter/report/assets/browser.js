@@ -116,7 +116,7 @@
       dl.append(el("dt", {text: label}), el("dd", {text: fmt(row[k])}));
     }
     box.append(dl);
-    if (row.hist && row.hist.length) box.append(histogram(row.hist, info.hist_edges));
+    if (row.hist && row.hist.length) box.append(histogram(row.hist, row.edges || info.hist_edges));
     box.append(el("h3", {text: "Top activating examples (" + row.ex.length + ")"}));
     const flat = s => s.replace(/\r?\n/g, "⏎").replace(/\t/g, "⇥");  // one line per example
     for (const e of row.ex) {
