@@ -58,6 +58,10 @@ class ScanConfig(StrictModel):
                                "request; `neuronhunter export` converts a finished run)")
     on_bad_document: str = Field("fail", pattern="^(fail|skip)$", description="a document that cannot be read: "
                                  "fail (one line naming file and line) or skip it (counted in the manifest)")
+    split: str = Field("all", pattern="^(all|train|heldout)$", description="which documents to read: all, or the "
+                       "train / held-out side of the document split (neuronhunter.data.split)")
+    heldout_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="expected share of documents held out")
+    split_seed: int = Field(0, description="seed of the document split")
 
     @model_validator(mode="after")
     def _check(self) -> ScanConfig:
@@ -69,6 +73,12 @@ class ScanConfig(StrictModel):
         if self.layers is not None and any(layer < 0 for layer in self.layers):
             raise ValueError("layers must be non-negative")
         return self
+
+    def document_split(self):  # -> DocumentSplit (import kept local: config stays import-light)
+        """The document split these settings describe (see :mod:`neuronhunter.data.split`)."""
+        from .data.split import DocumentSplit
+
+        return DocumentSplit(self.heldout_fraction, self.split_seed)
 
 
 def format_validation_error(exc: ValidationError, source: str, *, unknown: str = "unknown key") -> str:

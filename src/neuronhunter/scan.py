@@ -125,7 +125,8 @@ class Scanner:
         self.n_neurons = min(cfg.neurons_per_layer or model.d_mlp, model.d_mlp)
         self.bos = model.bos_token_id if cfg.prepend_bos else None
         self.categories = list(labeller.categories) if labeller is not None else []
-        self.corpus = Corpus(cfg.corpus, text_field=cfg.text_field)
+        self.corpus = Corpus(cfg.corpus, text_field=cfg.text_field, on_error=cfg.on_bad_document)  # type: ignore[arg-type]
+        self.split = cfg.document_split()
         self.settings = merge_settings(cfg, self.n_neurons, self.bos)
         self._model_fp: str | None = None
 
@@ -181,8 +182,9 @@ class Scanner:
                 for layer in self.layers}
 
     def documents(self, *, all_shards: bool = False) -> Iterator[Any]:
-        """The corpus's documents, those of this scanner's shard only (unless ``all_shards``)."""
-        for doc in self.corpus:
+        """The corpus's documents on the configured side of the split, those of this scanner's shard only (unless
+        ``all_shards``)."""
+        for doc in self.split.select(self.corpus, self.cfg.split):
             if self.shard is None or all_shards or shard_of(doc.source, self.shard[1]) == self.shard[0]:
                 yield doc
 
@@ -384,7 +386,7 @@ def run_scan(
 
         labeller = ConceptLabeller(cfg.concepts, case_sensitive=cfg.case_sensitive,
                                    last_token_only=cfg.label_last_token_only)
-    Corpus(cfg.corpus, text_field=cfg.text_field).check()  # fail early, before loading the model
+    Corpus(cfg.corpus, text_field=cfg.text_field, on_error=cfg.on_bad_document).check()  # type: ignore[arg-type]  # fail early, before loading the model
     if write and folder is None:
         folder = RunFolder(cfg.out, kind="scan")
     if folder is not None:

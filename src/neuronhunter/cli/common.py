@@ -113,3 +113,9 @@ CompileOpt = Annotated[bool | None, typer.Option("--compile/--no-compile", help=
 FormatsOpt = Annotated[str | None, typer.Option(help="Table formats, e.g. 'parquet,csv' [default: parquet; "
                                                           "'neuronhunter export' converts later]")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a complete run in --out")]
+SplitOpt = Annotated[str | None, typer.Option(help="Documents to read: all, train or heldout (by a stable hash of "
+                                                    "each document's id) [default: all for scan]")]
+HeldoutFractionOpt = Annotated[float | None, typer.Option(help="Expected share of documents held out [default: 0.3]")]
+SplitSeedOpt = Annotated[int | None, typer.Option(help="Seed of the document split [default: 0]")]
+OnBadDocumentOpt = Annotated[str | None, typer.Option(help="A document that cannot be read: 'fail' (one line naming "
+                                                            "file and line) or 'skip' (counted) [default: fail]")]
