@@ -1,0 +1,1 @@
+"""Groups of units: sparse dictionaries (features), neuron clusters and automated circuit discovery."""
