@@ -313,6 +313,8 @@ class ScanResult:
             "context_length": self.config.context_length,
             "prepend_bos": self.bos_token_id is not None,
             "bos_token_id": self.bos_token_id,
+            "bos": (self.model.bos_policy.manifest() if self.bos_token_id is not None
+                    else {"bos_token_id": None, "bos_rule": "off", "bos_reason": "no BOS (--no-bos)"}),
             "include_first": self.config.include_first,
             "layers": sorted(self.state.layers),
             "neurons_per_layer": ls0.d,

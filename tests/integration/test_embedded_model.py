@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -52,7 +54,10 @@ def test_small_scan_of_real_model(embedded, tmp_path):
     assert len(neurons) == 3 * 1536 and result.state.tokens == 600
     assert neurons["count"].eq(600).all()
     assert neurons["std"].gt(0).mean() > 0.99
-    # the BOS token (<|im_start|>, position 0) is tracked separately and excluded from the statistics
-    assert result.bos_token_id == embedded.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    # the BOS token (<|endoftext|>, the pretraining document separator, at position 0) is tracked separately and
+    # excluded from the statistics; the manifest says which token and why
+    assert result.bos_token_id == embedded.tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
     ex = pd.read_parquet(tmp_path / "run" / "examples.parquet")
-    assert (ex["window_pos"] >= 1).all() and not ex["token"].eq("<|im_start|>").any()
+    assert (ex["window_pos"] >= 1).all() and not ex["token"].eq("<|endoftext|>").any()
+    bos = json.loads((tmp_path / "run" / "manifest.json").read_text())["bos"]
+    assert bos["bos_rule"] == "smollm2" and "<|endoftext|>" in bos["bos_reason"]

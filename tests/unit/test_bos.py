@@ -181,3 +181,11 @@ def test_embedded_smollm2_policy(embedded):
     p = bos_policy(embedded.config.model_type, tok, name=embedded.name, hf_config=embedded.config)
     assert (p.token_id, p.token, p.rule) == (0, "<|endoftext|>", "smollm2")
     assert tok.convert_ids_to_tokens(p.token_id) == "<|endoftext|>"
+
+
+@pytest.mark.integration
+def test_embedded_model_windows_start_with_the_policy_token(embedded):
+    """The wiring: the model's BOS (what every scan window starts with) is the policy's, not the tokenizer's."""
+    assert embedded.bos_token_id == 0 and embedded.bos_policy.rule == "smollm2"
+    ids = embedded.to_tokens("The capital of France is", prepend_bos=True)[0].tolist()
+    assert ids[0] == 0 and 1 not in ids

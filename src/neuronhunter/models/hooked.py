@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import SiteError
 from .adapters import ArchitectureAdapter, adapter_for
+from .bos import BosPolicy, bos_policy
 from .sites import Site
 
 Intervention = Callable[[Tensor, Site], Tensor | None]
@@ -80,6 +81,7 @@ class HookedModel:
         self.tokenizer = tokenizer
         self.name = name
         self.info = dict(info or {})
+        self._bos_policy: BosPolicy | None = None
         self.config = model.config
         self.adapter = (adapter or adapter_for(model.config.model_type)).resolved(model.config)
         self.blocks: nn.ModuleList = model.get_submodule(self.adapter.layers)
@@ -102,14 +104,18 @@ class HookedModel:
         return next(self.model.parameters()).dtype
 
     @property
+    def bos_policy(self) -> BosPolicy:
+        """Which token windows start with, and why (:func:`neuronhunter.models.bos.bos_policy`; computed once)."""
+        if self._bos_policy is None:
+            self._bos_policy = bos_policy(str(getattr(self.config, "model_type", "") or self.adapter.family),
+                                          self.tokenizer, self.name, self.config)
+        return self._bos_policy
+
+    @property
     def bos_token_id(self) -> int | None:
-        """The token prepended as BOS (the tokenizer's BOS, else its EOS/document separator), or None."""
-        tok = self.tokenizer
-        for attr in ("bos_token_id", "eos_token_id"):
-            value = getattr(tok, attr, None)
-            if value is not None:
-                return int(value)
-        return None
+        """The token prepended as BOS (the model's :attr:`bos_policy`: the token it was trained to start documents
+        with, e.g. ``<|endoftext|>`` for SmolLM2 rather than its chat marker ``<|im_start|>``), or None."""
+        return self.bos_policy.token_id
 
     @property
     def tied_embeddings(self) -> bool:
