@@ -8,8 +8,8 @@ import torch
 
 from neuronhunter.analysis.attribution import direct_logit_weights, top_logit_tokens
 from neuronhunter.analysis.heads import induction_scores, random_repeated_tokens
-from neuronhunter.analysis.interventions import head_ablation, next_token_nll, run_with_interventions
-from neuronhunter.analysis.patching import patching_sweep
+from neuronhunter.causal.interventions import head_ablation, next_token_nll, run_with_interventions
+from neuronhunter.causal.patching import patching_sweep
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread_module")]  # 1 thread, see conftest
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from neuronhunter.analysis import heads as Hd
-from neuronhunter.analysis.interventions import corpus_batches
+from neuronhunter.causal.interventions import corpus_batches
 from neuronhunter.data.corpus import Document
 from neuronhunter.errors import ConfigError, SiteError
 from neuronhunter.models.tiny import tiny_model

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from neuronhunter.analysis import interventions as I
 from neuronhunter.analysis.attribution import direct_logit_weights
+from neuronhunter.causal import interventions as I
 from neuronhunter.data.corpus import Document
 from neuronhunter.errors import ConfigError, SiteError
 from neuronhunter.models import Site
@@ -229,7 +229,7 @@ def verify_setup(tmp_path_factory):
     """Neuron 1.7 fires on animal tokens only and writes W_U[' ran']; in the corpus every animal is followed by
     ' ran'. Ablating it must hurt the loss after animals (its claim: 'animal'). Neuron 1.20 is claimed for
     'color' but writes nothing, so its claim must fail."""
-    from neuronhunter.analysis import verification as V  # noqa: F401
+    from neuronhunter.causal import verification as V  # noqa: F401
 
     m = tiny_model("gpt2", seed=4)
     hf = m.model
@@ -267,7 +267,7 @@ def verify_setup(tmp_path_factory):
 
 
 def test_select_candidates(verify_setup):
-    from neuronhunter.analysis.verification import select_candidates
+    from neuronhunter.causal.verification import select_candidates
 
     *_, run = verify_setup
     cands = select_candidates(pd.read_parquet(run / "neurons.parquet"), top_k=1)
@@ -279,7 +279,7 @@ def test_select_candidates(verify_setup):
 
 
 def test_verify_confirms_only_the_planted_claim(verify_setup):
-    from neuronhunter.analysis.verification import VerifyConfig, verify_run
+    from neuronhunter.causal.verification import VerifyConfig, verify_run
 
     m, docs, labeller, run = verify_setup
     cfg = VerifyConfig(top_k=2, n_random=4, method="zero", max_tokens=None, batch_size=4)

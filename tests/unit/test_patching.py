@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neuronhunter.analysis.interventions import capture_sources, patch, run_with_interventions
-from neuronhunter.analysis.patching import answer_token, logit_diff, patching_frame, patching_sweep
+from neuronhunter.causal.interventions import capture_sources, patch, run_with_interventions
+from neuronhunter.causal.patching import answer_token, logit_diff, patching_frame, patching_sweep
 from neuronhunter.errors import ConfigError, SiteError
 from neuronhunter.models import Site
 from neuronhunter.models.tiny import tiny_model

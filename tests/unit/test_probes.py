@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from neuronhunter.analysis import probes as P
-from neuronhunter.analysis.interventions import corpus_batches
+from neuronhunter.causal.interventions import corpus_batches
 from neuronhunter.data.corpus import Document
 from neuronhunter.errors import ConfigError
 from neuronhunter.models.tiny import tiny_model

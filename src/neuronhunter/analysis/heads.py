@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..causal.interventions import next_token_nll
 from ..errors import ConfigError
 from ..models.hooked import HookedModel
 from ..models.sites import Site
-from .interventions import next_token_nll
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ def _out(out: str | None, run: str | None, default: str) -> Path:
 def _labelled_batches(m: Any, s: dict[str, Any], *, labels: str | None, concepts: str | None, max_tokens: int,
                       batch_size: int, tokens_per_doc: int | None) -> tuple[list[Any], list[str]]:
     """Batches labelled by a user token-label file (its own texts) or the concept lexicon (the corpus)."""
-    from ..analysis.interventions import corpus_batches, load_concept_labeller
     from ..analysis.probes import read_token_labels
+    from ..causal.interventions import corpus_batches, load_concept_labeller
 
     if labels:
         docs, labeller = read_token_labels(labels)
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Head scores (previous-token, duplicate, induction, BOS sink, entropy) and the induction loss curve."""
         from ..analysis.heads import SCORES, head_scores, top_heads
-        from ..analysis.interventions import corpus_batches
+        from ..causal.interventions import corpus_batches
         from ..io import require_run, write_json, write_table
         from ..report.figures_verify import head_scores_figure, induction_curve_figure
 

@@ -25,7 +25,7 @@ def write_html(fig: Any, path: str | Path) -> Path:
 
 def resolve_run(run: str | None, model: str | None, corpus: str | None) -> dict[str, Any]:
     """Model/corpus/windowing from a run folder's config (when given), overridden by explicit options."""
-    from ..analysis.verification import run_settings
+    from ..causal.verification import run_settings
 
     if run is not None:
         s = run_settings(run)
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         out: str = typer.Option(None, "--out", "-o", help="Output folder [default: RUN/ablations/<neurons>]"),
     ) -> None:
         """Ablate neurons (and heads): effect on next-token loss overall, per category, and per token."""
-        from ..analysis.interventions import (
+        from ..causal.interventions import (
             ablation_effect,
             corpus_batches,
             group_units,
@@ -165,13 +165,13 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu"),
     ) -> None:
         """Causally test the hunt's monosemantic/polysemantic claims; adds causal columns to neurons.parquet."""
-        from ..analysis.interventions import load_concept_labeller
-        from ..analysis.verification import VerifyConfig, verify_run
+        from ..causal.interventions import load_concept_labeller
+        from ..causal.verification import VerifyConfig, verify_run
         from ..io import require_run
         from ..report.figures_verify import verification_figure
 
         require_run(run, "neurons.parquet")
-        from ..analysis.verification import select_candidates
+        from ..causal.verification import select_candidates
         from ..io import read_table
 
         cfg = VerifyConfig(top_k=top_k, verdicts=tuple(v.strip() for v in verdicts.split(",") if v.strip()),
@@ -227,7 +227,7 @@ def register(app: typer.Typer) -> None:
         """Activation patching sweep: residual stream per layer × position, and each head's output."""
         import numpy as np
 
-        from ..analysis.patching import check_prompts, patching_frame, patching_sweep
+        from ..causal.patching import check_prompts, patching_frame, patching_sweep
         from ..io import atomic_path, write_json, write_table
         from ..report.figures_verify import patching_figure
 

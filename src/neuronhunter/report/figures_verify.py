@@ -23,7 +23,7 @@ def _tok_labels(tokens: list[str]) -> list[str]:
 
 
 def patching_figure(result: Any) -> Any:
-    """Heatmaps of a :class:`~neuronhunter.analysis.patching.PatchingResult`: layer × position and layer × head."""
+    """Heatmaps of a :class:`~neuronhunter.causal.patching.PatchingResult`: layer × position and layer × head."""
     from plotly.subplots import make_subplots
 
     go = _go()
