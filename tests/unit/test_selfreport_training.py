@@ -89,7 +89,10 @@ def test_every_head_and_strategy_lowers_the_loss(ds, head, unfreeze):
 @pytest.mark.parametrize(("head", "unfreeze"), [("regression", "last_k"), ("classification", "head"),
                                                  ("token", "last_k")])
 def test_predictor_recovers_the_planted_neuron(ds, head, unfreeze):
-    predictor, trainer = build(ds, head, unfreeze, epochs=3, **({"batch_size": 8} if head == "token" else {}))
+    # the token head at body_lr 5e-2 for 3 epochs diverged for some seeds and CPUs (pearson 0.18-0.89 for seeds 1
+    # and 3, 0.886 on CI's machine); 5 epochs at 2e-2 recovered the neuron (pearson 1.0) for seeds 0-3
+    token = {"batch_size": 8, "epochs": 5, "body_lr": 2e-2}
+    predictor, trainer = build(ds, head, unfreeze, **(token if head == "token" else {"epochs": 3}))
     trainer.train()
     test = ds.tensors("test")
     preds, _ = predictor.predict(test)
