@@ -36,7 +36,7 @@ _EXPORTS: dict[str, str] = {
     "HuntConfig": "neuronhunter.hunt",
     "run_hunt": "neuronhunter.hunt",
     "rescore_run": "neuronhunter.hunt",
-    "VerdictThresholds": "neuronhunter.analysis.selectivity",
+    "VerdictThresholds": "neuronhunter.judge.thresholds",
     "interpret_run": "neuronhunter.analysis.interpret",
     "compare_runs": "neuronhunter.analysis.interpret",
     "query": "neuronhunter.analysis.interpret",

@@ -1,17 +1,26 @@
 """Planted ground truth: tiny random models whose chosen layer-0 neurons are rewired to known behaviours.
 
-With the attention output of block 0 zeroed, the residual stream at the first MLP is just the token embedding (plus
-the learned position embedding for GPT-2). We pick orthonormal directions (orthogonal to the all-ones vector, so
-LayerNorm's centring does not touch them), remove them from every embedding row, then add them back only where we
-want a neuron to fire:
+With the attention output of block 0 zeroed, the residual stream at the first MLP is the token embedding (plus the
+learned position embedding for GPT-2). We pick orthonormal directions (orthogonal to the all-ones vector, so
+LayerNorm's centring does not touch them), replace the embedding of every word we plant by a sum of directions
+(so all words of a class reach a neuron with the same strength), and point each planted neuron at one direction:
 
-* ``u`` on the color words            -> neuron MONO fires on color only            -> monosemantic
-* ``w`` on the animal and vehicle words -> neuron POLY fires on both (unrelated)    -> polysemantic
-* ``v`` on position 0 (GPT-2: wpe[0]; Llama: the BOS embedding)                   -> positional
-* ``z`` on position 5 (GPT-2 only: wpe[5])                                        -> positional (fixed position)
-* zero input weights and a very negative bias (or zero gate/up rows)              -> dead
+==========  ======================================================  =========================================
+neuron      fires on                                                verdict
+==========  ======================================================  =========================================
+MONO        every colour word                                       monosemantic (color)
+NEG         every colour word, *negatively* (Llama: up row negated)  monosemantic (color), direction ``-``
+SPARSE      3 rare colour words (10% of the colour tokens)           monosemantic (color), flag ``sparse``
+MODBOS      the same rare colours, and BOS at 0.6 x that value       monosemantic (color), flag ``pos0``
+TOKEN       " by" only                                               token
+NOUN        every noun (animals, vehicles, other nouns)              syntactic (noun)
+POLY        animal and vehicle words                                 polysemantic (animal, vehicle)
+POS0        BOS (position 0)                                         positional
+FIXED       position 5 (GPT-2 position embedding)                    positional
+DEAD        nothing (zero weights)                                   dead
+==========  ======================================================  =========================================
 
-The hunt must return exactly these verdicts for these neurons, on both architectures.
+The hunt must return exactly these verdicts, on both architectures.
 """
 
 from __future__ import annotations
@@ -23,38 +32,46 @@ import torch
 
 from neuronhunter.hunt import HuntConfig, run_hunt
 from neuronhunter.io import read_json, read_table
+from neuronhunter.models.sites import Site
 from neuronhunter.models.tiny import tiny_model
 
-MONO, POLY, POS0, FIXED, DEAD = 3, 17, 42, 77, 101
+MONO, NEG, SPARSE, MODBOS, TOKEN, NOUN, POLY, POS0, FIXED, DEAD = 3, 9, 17, 23, 31, 42, 55, 64, 77, 101
 
 ANIMALS = ["cat", "dog", "horse", "cow"]
 VEHICLES = ["car", "bus", "train", "truck", "bike"]
 COLORS = ["red", "blue", "green", "yellow", "white"]
+RARE_COLORS = ["purple", "pink", "brown"]
 FILLER = ["man", "woman", "house", "tree", "river", "city", "book", "table", "window", "road", "field", "garden",
           "child", "friend", "teacher", "door"]
-VERBS = ["saw", "found", "passed", "watched", "liked", "followed", "met", "left", "near"]
+VERBS = ["saw", "found", "passed", "watched", "liked", "followed", "met", "left"]
 
 CATEGORIES = {
     "animal": {"words": ANIMALS},
     "vehicle": {"words": VEHICLES},
-    "color": {"words": COLORS},
-    "function": {"control": True, "words": ["the", "a", "and", "of", "then"], "patterns": ["[.,]"]},
+    "color": {"words": COLORS + RARE_COLORS},
+    "function": {"control": True, "words": ["the", "a", "and", "of", "then", "by"], "patterns": ["[.,]"]},
+    "noun": {"control": True, "words": FILLER, "includes": ["animal", "vehicle"]},
 }
 
 
-def make_text(n_sentences: int = 110, seed: int = 0) -> str:
-    """Random simple sentences; category words always mid-sentence, at varied positions."""
+def make_text(n_sentences: int = 220, seed: int = 0) -> str:
+    """Random simple sentences; nouns 20% animals, 20% vehicles, 60% other nouns; colours before 40% of them
+    (a tenth of the colours rare); " by" in a third of the sentences."""
     rng = random.Random(seed)
 
     def noun_phrase() -> str:
         kind = rng.random()
-        noun = rng.choice(ANIMALS if kind < 0.25 else VEHICLES if kind < 0.5 else FILLER)
-        adj = f"{rng.choice(COLORS)} " if rng.random() < 0.4 else ""
+        noun = rng.choice(ANIMALS if kind < 0.2 else VEHICLES if kind < 0.4 else FILLER)
+        adj = ""
+        if rng.random() < 0.4:
+            adj = rng.choice(RARE_COLORS if rng.random() < 0.1 else COLORS) + " "
         return f"{rng.choice(['the', 'a'])} {adj}{noun}"
 
     sentences = []
     for _ in range(n_sentences):
         parts = [noun_phrase().capitalize(), rng.choice(VERBS), noun_phrase()]
+        if rng.random() < 0.33:
+            parts += ["by", noun_phrase()]
         if rng.random() < 0.5:
             parts += ["and", "then", rng.choice(VERBS), noun_phrase()]
         sentences.append(" ".join(parts) + rng.choice([".", ",", "."]))
@@ -79,8 +96,47 @@ def directions(d: int, k: int, seed: int = 0) -> torch.Tensor:
     return q[:, 1:]
 
 
-def project_out(weight: torch.Tensor, basis: torch.Tensor) -> None:
-    weight -= (weight @ basis) @ basis.T
+def plant_embeddings(emb: torch.Tensor, tok, basis: dict[str, torch.Tensor], bos: int, bos_mod: float) -> None:
+    """Planted words get embeddings that are sums of directions (nothing else), so every word of a class reaches
+    its neurons equally; every other row loses its component along the directions."""
+    stacked = torch.stack(list(basis.values()), dim=1)
+    emb -= (emb @ stacked) @ stacked.T
+    plan = {
+        "color": token_ids(tok, COLORS) + token_ids(tok, RARE_COLORS),
+        "rare": token_ids(tok, RARE_COLORS),
+        "animal_vehicle": token_ids(tok, ANIMALS + VEHICLES),
+        "noun": token_ids(tok, ANIMALS + VEHICLES + FILLER),
+        "by": token_ids(tok, ["by"]),
+    }
+    planted = sorted({i for ids in plan.values() for i in ids})
+    emb[planted] = 0.0
+    for name, ids in plan.items():
+        emb[ids] += basis[name]
+    emb[token_ids(tok, RARE_COLORS)] += basis["modbos"]
+    emb[bos] += basis["bos"] + bos_mod * basis["modbos"]
+
+
+NAMES = ["color", "rare", "animal_vehicle", "noun", "by", "bos", "modbos", "pos5"]
+
+
+def layer0_acts(m, text: str, neuron: int) -> tuple[list[int], torch.Tensor]:
+    ids = [m.bos_token_id, *m.tokenizer.encode(text)]
+    site = Site.mlp_post(0)
+    with torch.no_grad():
+        _, cache = m.run_with_cache(torch.tensor([ids]), sites=[site], stop_at_layer=1)
+    return ids, cache[site][0, :, neuron]
+
+
+def tune_bos(m, plant, target: float = 0.6) -> None:
+    """Bisect the BOS share of MODBOS's direction so that its BOS activation is ``target`` x its rare-colour one."""
+    lo, hi = 0.0, 2.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        plant(mid)
+        _, a = layer0_acts(m, " a purple car", MODBOS)
+        ratio = float(a[0] / a[2])
+        lo, hi = (mid, hi) if ratio < target else (lo, mid)
+    plant((lo + hi) / 2)
 
 
 @torch.no_grad()
@@ -89,26 +145,28 @@ def planted_gpt2():
     hf, tok = m.model, m.tokenizer
     wte, wpe = hf.transformer.wte.weight, hf.transformer.wpe.weight
     d = wte.shape[1]
-    basis = directions(d, 4)
-    u, w, v, z = basis.T
-    project_out(wte, basis)
-    project_out(wpe, basis)
-    a = 1.0
-    wte[token_ids(tok, COLORS)] += a * u
-    wte[token_ids(tok, ANIMALS + VEHICLES)] += a * w
-    wpe[0] += a * v
-    wpe[5] += a * z
+    basis = dict(zip(NAMES, directions(d, len(NAMES)).T, strict=True))
+    original = wte.clone()
+    wpe.zero_()  # no position signal (ties stay ties) except the planted one
+    wpe[5] = 2.0 * basis["pos5"]
     block = hf.transformer.h[0]
     block.attn.c_proj.weight.zero_()
     block.attn.c_proj.bias.zero_()
     block.ln_2.weight.fill_(1.0)
     block.ln_2.bias.zero_()
     fc_w, fc_b = block.mlp.c_fc.weight, block.mlp.c_fc.bias  # Conv1D: [d_model, d_mlp]
-    for n, direction in ((MONO, u), (POLY, w), (POS0, v), (FIXED, z)):
-        fc_w[:, n] = direction
-        fc_b[n] = -3.0
+    for n, name in ((MONO, "color"), (SPARSE, "rare"), (MODBOS, "modbos"), (TOKEN, "by"), (NOUN, "noun"),
+                    (POLY, "animal_vehicle"), (POS0, "bos"), (FIXED, "pos5")):
+        fc_w[:, n] = basis[name]
+        fc_b[n] = -1.5
     fc_w[:, DEAD] = 0.0
     fc_b[DEAD] = -10.0
+
+    def plant(bos_mod: float) -> None:
+        wte.copy_(original)
+        plant_embeddings(wte, tok, basis, m.bos_token_id, bos_mod)
+
+    tune_bos(m, plant)
     return m
 
 
@@ -118,22 +176,26 @@ def planted_llama():
     hf, tok = m.model, m.tokenizer
     emb = hf.model.embed_tokens.weight
     d = emb.shape[1]
-    basis = directions(d, 3)
-    u, w, v = basis.T
-    project_out(emb, basis)
-    a = 1.0
-    emb[token_ids(tok, COLORS)] += a * u
-    emb[token_ids(tok, ANIMALS + VEHICLES)] += a * w
-    emb[m.bos_token_id] += a * v  # BOS is always (and only) at position 0
+    basis = dict(zip(NAMES, directions(d, len(NAMES)).T, strict=True))
+    original = emb.clone()
     layer = hf.model.layers[0]
     layer.self_attn.o_proj.weight.zero_()
     layer.post_attention_layernorm.weight.fill_(1.0)
     gate, up = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight  # [d_mlp, d_model]
-    for n, direction in ((MONO, u), (POLY, w), (POS0, v)):
-        gate[n] = 0.5 * direction
-        up[n] = 0.5 * direction
+    for n, name in ((MONO, "color"), (NEG, "color"), (SPARSE, "rare"), (MODBOS, "modbos"), (TOKEN, "by"),
+                    (NOUN, "noun"), (POLY, "animal_vehicle"), (POS0, "bos")):
+        gate[n] = 0.5 * basis[name]
+        up[n] = 0.5 * basis[name]
+    up[NEG] *= -1  # the same neuron as MONO with its sign relabelled (the model is unchanged)
+    layer.mlp.down_proj.weight[:, NEG] *= -1
     gate[DEAD] = 0.0
     up[DEAD] = 0.0
+
+    def plant(bos_mod: float) -> None:
+        emb.copy_(original)
+        plant_embeddings(emb, tok, basis, m.bos_token_id, bos_mod)
+
+    tune_bos(m, plant)
     return m
 
 
@@ -146,14 +208,16 @@ def corpus(tmp_path_factory):
 
 def hunt(model, corpus, out, **kw):
     cfg = HuntConfig(model="tiny", corpus=corpus, out=str(out), categories=CATEGORIES, context_length=32,
-                     top_k=10, formats=["parquet"], **kw)
+                     top_k=20, split="all", formats=["parquet"], **kw)
     return run_hunt(cfg, model=model, overwrite=True)
 
 
 EXPECTED = {
-    "gpt2": {MONO: "monosemantic", POLY: "polysemantic", POS0: "positional", FIXED: "positional", DEAD: "dead"},
-    "llama": {MONO: "monosemantic", POLY: "polysemantic", POS0: "positional", DEAD: "dead"},
+    MONO: ("monosemantic", "color"), SPARSE: ("monosemantic", "color"), MODBOS: ("monosemantic", "color"),
+    TOKEN: ("token", None), NOUN: ("syntactic", "noun"), POLY: ("polysemantic", None), POS0: ("positional", None),
+    DEAD: ("dead", None),
 }
+EXPECTED_FAMILY = {"gpt2": {FIXED: ("positional", None)}, "llama": {NEG: ("monosemantic", "color")}}
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
@@ -163,56 +227,83 @@ def planted(request, corpus, tmp_path_factory):
     return request.param, hunt(model, corpus, out), out
 
 
+def text(value):
+    return value if isinstance(value, str) else None
+
+
+def layer0(result):
+    frame = result.neurons
+    return frame[frame.layer == 0].set_index("neuron")
+
+
 def test_planted_verdicts(planted):
     family, result, _ = planted
-    frame = result.scores.frame
-    layer0 = frame[frame.layer == 0].set_index("neuron")
-    got = {n: layer0.loc[n, "verdict"] for n in EXPECTED[family]}
-    assert got == EXPECTED[family]
+    rows = layer0(result)
+    expected = {**EXPECTED, **EXPECTED_FAMILY[family]}
+    got = {n: (rows.loc[n, "verdict"], text(rows.loc[n, "claim_category"])) for n in expected}
+    assert got == expected
 
 
-def test_planted_categories_and_scores(planted):
+def test_planted_scores_and_flags(planted):
     family, result, _ = planted
-    layer0 = result.scores.frame[result.scores.frame.layer == 0].set_index("neuron")
-    mono, poly = layer0.loc[MONO], layer0.loc[POLY]
-    assert mono.top_category == "color" and mono.categories == "color" and mono.n_categories == 1
-    assert mono.crs > 0.99 and mono.entropy < 0.05 and mono.dprime > 10
-    assert set(poly.categories.split(";")) == {"animal", "vehicle"} and poly.n_categories == 2
-    assert poly.crs < 0.2 and 0.9 < poly.entropy < 1.1  # two equal responses: 1 bit
-    pos = layer0.loc[POS0]
-    assert pos.pos0_share > 0.99 and pos.pos0_max_share > 0.99
-    if family == "gpt2":
-        fixed = layer0.loc[FIXED]
-        assert fixed.topk_pos == 5 and fixed.topk_pos_frac == 1.0 and fixed.pos0_share < 0.01
+    rows = layer0(result)
+    mono = rows.loc[MONO]
+    assert mono.direction == "+" and mono.precision == 1.0 and mono.recall > 0.85 and mono.auprc > 0.99
+    assert mono.q_value < 1e-10 and mono.crs > 0.99 and mono.distinct_types >= 3
+    sparse = rows.loc[SPARSE]
+    assert sparse.precision == 1.0 and 0.04 < sparse.recall < 0.2 and "sparse" in sparse["flags"].split(",")
+    assert sparse.dprime < 1.5  # the mean-based rule could not see it
+    modbos = rows.loc[MODBOS]
+    assert "pos0" in modbos["flags"].split(",") and 0.5 < modbos.pos0_ratio < 0.7
+    assert rows.loc[TOKEN].claim_token == "by" and rows.loc[TOKEN].top_tokens.startswith("by 1.00")
+    # all its high activations are function words, but one word is not a class: token, not syntactic
+    assert rows.loc[TOKEN].top_category == "function" and rows.loc[TOKEN].precision == 1.0
+    assert rows.loc[TOKEN].category_types == 1
+    poly = rows.loc[POLY]
+    assert set(poly.claim_categories.split(",")) == {"animal", "vehicle"}
+    assert "control:noun" in poly["flags"]  # nouns are all of its high activations, but it is specific beyond them
+    assert rows.loc[POS0].pos0_value > 2 and rows.loc[POS0].peak < 0.5  # BOS carries its only high activations
+    if family == "llama":
+        neg = rows.loc[NEG]
+        assert neg.direction == "-"
+        same = ["verdict", "claim_category", "precision", "recall", "f1", "auprc", "p_value", "q_value", "crs",
+                "dprime", "distinct_types", "flags", "n_high", "peak", "threshold"]
+        assert neg[same].tolist() == mono[same].tolist()
+    else:
+        assert rows.loc[FIXED].topk_pos == 5 and rows.loc[FIXED].topk_pos_frac == 1.0
 
 
 def test_planted_top_neurons_and_champion(planted):
     _, result, _ = planted
-    top = result.top
-    first = top[(top["rank"] == 0)].set_index(["category", "kind"])
-    assert (first.loc[("color", "monosemantic"), ["layer", "neuron"]].tolist()) == [0, MONO]
-    assert first.loc[("animal", "polysemantic"), "neuron"] == POLY
-    assert first.loc[("vehicle", "polysemantic"), "neuron"] == POLY
+    first = result.top[result.top["rank"] == 0].set_index(["category", "kind"])
+    best = first.loc[("color", "monosemantic")]
+    assert (best.layer, best.neuron) in {(0, MONO), (0, NEG)}  # all colours; SPARSE has precision 1, recall 0.06
+    assert best.precision == 1.0 and best.f1 > 0.9
+    from neuronhunter.judge.judgement import top_neurons_per_category
+
+    every = top_neurons_per_category(result.judgement, n=10_000)
+    listed = every[(every.layer == 0) & (every.neuron == POLY)]
+    assert set(listed.category) == {"animal", "vehicle"} and set(listed.kind) == {"polysemantic"}
     champ = result.champion
     assert champ is not None and champ["verdict"] not in ("positional", "dead")
-    # the positional neurons are the strongest anywhere, but never champions
-    assert (champ["layer"], champ["neuron"]) != (0, POS0)
 
 
 def test_planted_run_folder(planted):
     family, result, out = planted
     neurons = read_table(out / "neurons.parquet")
+    directions = read_table(out / "directions.parquet")
     concepts = read_table(out / "concepts.parquet")
     manifest = read_json(out / "manifest.json")
     assert manifest["kind"] == "hunt" and manifest["hunt"]["verdicts"]["dead"] >= 1
-    assert {"verdict", "crs", "dprime", "entropy", "n_categories", "top_category"} <= set(neurons.columns)
-    assert len(neurons) == len(result.scores.frame) and neurons.verdict.notna().all()
-    row = neurons[(neurons.layer == 0) & (neurons.neuron == MONO)].iloc[0]
-    assert row.verdict == "monosemantic"
-    assert {"layer", "neuron", "category", "mean", "max", "count", "dprime", "selective"} <= set(concepts.columns)
+    assert {"verdict", "direction", "claim_category", "claim_categories", "flags", "precision", "recall", "f1",
+            "auprc", "p_value", "q_value", "distinct_types", "crs", "dprime"} <= set(neurons.columns)
+    assert len(directions) == 2 * len(neurons)
+    d = directions[(directions.layer == 0) & (directions.neuron == MONO)].set_index("direction")
+    assert d.loc["+", "verdict"] == "monosemantic" and d.loc["-", "verdict"] != "monosemantic"
     sel = concepts[(concepts.layer == 0) & (concepts.neuron == POLY) & concepts.selective]
     assert set(sel.category) == {"animal", "vehicle"}
-    # the labelled token counts are the same for every neuron and match the labeller
+    row = concepts[(concepts.layer == 0) & (concepts.neuron == MONO) & (concepts.category == "color")].iloc[0]
+    assert row.precision_pos == 1.0 and row.specific_pos and not row.specific_neg
     counts = concepts.groupby("category")["count"].nunique()
     assert (counts == 1).all()
     assert read_json(out / "hunt.json")["cooccurrence"][0][0] == int(
@@ -222,18 +313,19 @@ def test_planted_run_folder(planted):
 def test_rescore_from_stored_statistics(planted, tmp_path):
     import shutil
 
-    from neuronhunter.analysis.selectivity import VerdictThresholds
     from neuronhunter.hunt import rescore_run
+    from neuronhunter.judge.thresholds import VerdictThresholds
 
     family, result, out = planted
     copy = tmp_path / "run"
     shutil.copytree(out, copy)
-    strict = rescore_run(copy, VerdictThresholds(dprime_min=1e12))
+    strict = rescore_run(copy, VerdictThresholds(min_lift=1e9))
     neurons = read_table(copy / "neurons.parquet").set_index(["layer", "neuron"])
-    assert neurons.loc[(0, MONO), "verdict"] == "unselective" and neurons.loc[(0, POS0), "verdict"] == "positional"
+    assert neurons.loc[(0, MONO), "verdict"] == "unexplained" and neurons.loc[(0, POS0), "verdict"] == "positional"
     assert not read_table(copy / "concepts.parquet")["selective"].any()
-    assert read_json(copy / "config.json")["thresholds"]["dprime_min"] == 1e12
+    assert read_json(copy / "config.json")["thresholds"]["min_lift"] == 1e9
     assert strict.manifest["hunt"]["verdicts"]["monosemantic"] == 0
     again = rescore_run(copy, VerdictThresholds())  # back to the defaults: the same verdicts as the live hunt
-    assert again.scores.frame["verdict"].tolist() == result.scores.frame["verdict"].tolist()
+    cols = ["verdict", "direction", "claim_category", "flags", "top_tokens"]
+    assert again.neurons[cols].equals(result.neurons[cols])
     assert read_json(copy / "manifest.json")["kind"] == "hunt"

@@ -110,7 +110,7 @@ def category_layer_counts(con: Any, categories: Sequence[str], layers: Sequence[
 
 
 def verdict_layer_counts(con: Any, layers: Sequence[int]) -> Any:
-    from .selectivity import VERDICTS
+    from ..judge.thresholds import VERDICTS
 
     df = con.execute("SELECT verdict, layer, count(*) AS n FROM neurons GROUP BY ALL").df()
     table = _pivot(df, "verdict", "layer", "n", VERDICTS, layers)
@@ -120,7 +120,7 @@ def verdict_layer_counts(con: Any, layers: Sequence[int]) -> Any:
 
 def selectivity_by_layer(con: Any) -> Any:
     """Per layer: neurons, mean CRS / d' / entropy over active (non-dead) neurons, and the share of each verdict."""
-    from .selectivity import VERDICTS
+    from ..judge.thresholds import VERDICTS
 
     shares = ", ".join(f"avg(CASE WHEN verdict = '{v}' THEN 1.0 ELSE 0.0 END) AS share_{v}" for v in VERDICTS)
     return con.execute(f"""
@@ -267,7 +267,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, bins: int = 5) -> dict
     width = 100 / bins
     grid.insert(1, "depth", [f"{d * width:.0f}-{(d + 1) * width:.0f}%" for d in grid["depth_bin"]])
     grid = grid.drop(columns=["depth_bin"])
-    from .selectivity import VERDICTS
+    from ..judge.thresholds import VERDICTS
 
     verdicts = pd.DataFrame({"verdict": list(VERDICTS)})
     for _, v in frames:

@@ -16,11 +16,13 @@ from .common import (
     DeviceOpt,
     DtypeOpt,
     FormatsOpt,
+    HeldoutFractionOpt,
     LayersOpt,
     LazyProgress,
     MaxTokensOpt,
     NeuronsPerLayerOpt,
     OverwriteOpt,
+    SplitSeedOpt,
     ThresholdOpt,
     TopKOpt,
     console,
@@ -64,39 +66,47 @@ def print_frame(df: Any, title: str, *, index: bool = False, floats: str = "{:.3
 
 
 def print_hunt_summary(result: Any) -> None:
-    """Verdict counts per layer, the champion, and the top neurons per category."""
+    """Verdict counts per layer and per direction, the champion, and the top neurons per category."""
     from rich.markup import escape
 
     m, info = result.manifest, result.info
     speed = m.get("timings", {}).get("tokens_per_s")
+    split = (m.get("corpus") or {}).get("split") or {}
+    side = split.get("side") if isinstance(split, dict) else None
     console.print(
-        f"[bold]Hunted[/] {info['tokens']:,} tokens ({m['corpus']['spec']}), {len(m['layers'])} layers x "
-        f"{m['neurons_per_layer']} neurons of {m['model']['name']}" + (f", {speed:.0f} tok/s" if speed else "")
+        f"[bold]Hunted[/] {info['tokens']:,} tokens ({m['corpus']['spec']}"
+        + (f", {side} side of the document split" if side and side != "all" else "")
+        + f"), {len(m['layers'])} layers x {m['neurons_per_layer']} neurons of {m['model']['name']}"
+        + (f", {speed:.0f} tok/s" if speed else "")
     )
     console.print("Labelled tokens: " + ", ".join(f"{k} {v:,}" for k, v in info["labelled_tokens"].items()))
-    counts = result.verdict_counts().rename(columns={"monosemantic": "mono", "polysemantic": "poly"})
+    counts = result.verdict_counts().rename(columns={"monosemantic": "mono", "polysemantic": "poly",
+                                                     "positional": "posit.", "syntactic": "syntac.",
+                                                     "unexplained": "unexpl."})
     print_frame(counts, "Verdicts per layer (mono = monosemantic, poly = polysemantic)", index=True)
+    print_frame(result.direction_counts(), "Verdicts by the direction they are about (+: a, -: -a)", index=True,
+                floats="{:.2f}")
     champ = result.champion
     if champ is None:
         console.print("Champion: none (every neuron is positional or dead)")
     else:
-        cats = champ["categories"].replace(";", "+") or "-"
-        console.print(f"[bold]Champion[/] (strongest activation outside positional artefacts): "
-                      f"L{champ['layer']}.N{champ['neuron']}  max {champ['max']:.2f}  {champ['verdict']} "
-                      f"(responds to: {cats})  top example: {escape(repr(short_example(champ['example'], 70)))}")
+        console.print(f"[bold]Champion[/] (largest |activation| outside positional artefacts): "
+                      f"L{champ['layer']}.N{champ['neuron']}  {champ['activation']:.2f}  {champ['verdict']} "
+                      f"({champ['verdict_direction']}{' ' + champ['claim'] if champ['claim'] else ''})  "
+                      f"example: {escape(repr(short_example(champ['example'], 70)))}")
     top = result.top
     if top.empty:
         console.print("No monosemantic or polysemantic neurons found.")
         return
     best = top[top["rank"] == 0].copy()
-    best["neuron"] = [f"L{r.layer}.N{r.neuron}" for r in best.itertuples()]
+    best["neuron"] = [f"L{r.layer}.N{r.neuron}{r.direction}" for r in best.itertuples()]
     best["kind"] = best["kind"].map({"monosemantic": "mono", "polysemantic": "poly"})
-    best["categories"] = best["categories"].str.replace(";", "+")
+    best["categories"] = best["categories"].str.replace(",", "+")
     best["example"] = [short_example(e) for e in best["example"]]
-    best = best.rename(columns={"mean": "cat. mean", "example": "its strongest activation (any token)"})
-    print_frame(best[["category", "kind", "neuron", "cat. mean", "dprime", "crs", "categories",
-                      "its strongest activation (any token)"]],
-                "Top neuron per category and kind (ranked by the category's d')")
+    best = best.rename(columns={"precision": "prec.", "example": "its strongest activation"})
+    print_frame(best[["category", "kind", "neuron", "prec.", "recall", "f1", "auprc", "categories",
+                      "its strongest activation"]],
+                "Top neuron per category and kind (ranked by F1 over its high activations; +/-: direction)")
 
 
 def _load_run_model_and_labeller(run: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -122,6 +132,10 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
                                   "[default: smollm2-135m, the embedded model]"),
         corpus: str = typer.Option(None, "--corpus", "-c", help="Corpus spec (file, folder, .jsonl, .parquet, "
                                    "'default', hf:NAME) [default: master, the bundled master text]"),
+        split: str = typer.Option(None, "--split", help="Documents to read: train, heldout or all (by a stable "
+                                  "hash of each document's id) [default: train]"),
+        heldout_fraction: HeldoutFractionOpt = None,
+        split_seed: SplitSeedOpt = None,
         out: str = typer.Option(None, "--out", "-o", help="Run folder [default: runs/hunt]"),
         concepts: str = typer.Option(None, help="Lexicon file (YAML/JSON) [default: the bundled lexicon]"),
         layers: LayersOpt = None,
@@ -147,8 +161,8 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
         overwrite: OverwriteOpt = False,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted hunt from its checkpoint"),
     ) -> None:
-        """Scan with concept labels and give every neuron a verdict (monosemantic, polysemantic, positional,
-        syntactic, dead, unselective)."""
+        """Scan with concept labels (train side of the document split) and give every neuron a verdict in its
+        stronger direction (dead, positional, token, syntactic, monosemantic, polysemantic, unexplained)."""
         from ..hunt import HuntConfig, check_out, rescore_run, run_hunt
         from .scan import scan_options_to_config
 
@@ -166,13 +180,14 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
             context_length=context_length, batch_size=batch_size, max_tokens=max_tokens, threshold=threshold,
             label_last_token_only=last_token_only, case_sensitive=case_sensitive, prepend_bos=bos, device=device,
             dtype=dtype, compile_stats=compile_stats, formats=formats.split(",") if formats else None,
-            top_per_category=top,
+            top_per_category=top, split=split, heldout_fraction=heldout_fraction, split_seed=split_seed,
         )
         check_out(cfg.out, overwrite=overwrite, resume=resume)
         with LazyProgress("hunting (scan)") as progress:
             result = run_hunt(cfg, progress=progress, overwrite=overwrite, resume=resume)
         print_hunt_summary(result)
-        console.print(f"Wrote [bold]{cfg.out}[/] (neurons with verdicts, concepts, top_neurons, examples, hunt.json)")
+        console.print(f"Wrote [bold]{cfg.out}[/] (neurons with verdicts, directions, concepts, top_neurons, examples, "
+                      "hunt.json)")
 
     @app.command("interpret")
     def interpret(

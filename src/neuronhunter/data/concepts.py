@@ -15,8 +15,10 @@ A lexicon (YAML or JSON) lists categories, each with whole-word entries and opti
 Labelling works on **words, not tokens**: matches are found in the text (case-insensitive by default; multi-word
 entries allowed), then every token whose character span overlaps a match gets the category — so a word split into
 several BPE pieces labels all of them (or only the last with ``last_token_only``). A token may carry several labels
-or none. The bundled default lexicon has date, location, animal, food, numeric, language, vehicle and color, plus
-the ``function`` control class.
+or none. A category may ``include`` others (``noun: {control: true, includes: [animal, food]}``): its tokens are its
+own matches plus every token of the included categories, so a broad class can serve as the baseline of its members.
+The bundled default lexicon has date, location, animal, food, numeric, language, vehicle and color, plus the
+control classes ``function`` (function words, punctuation) and ``noun`` (common nouns and the noun categories).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class CategorySpec(StrictModel):
     words: list[str] = Field(default_factory=list)
     patterns: list[str] = Field(default_factory=list)
     control: bool = False
+    includes: list[str] = Field(default_factory=list, description="other categories whose tokens also count as "
+                                "this one (a broad class such as 'noun' that includes animal, food, ...)")
 
 
 class Lexicon(StrictModel):
@@ -63,6 +67,9 @@ def load_lexicon(source: str | Path | dict[str, Any] | Lexicon | None = None) ->
     for name, spec in lex.categories.items():
         if not spec.words and not spec.patterns:
             raise ConfigError(f"{where}: category {name!r} has no words or patterns")
+        for other in spec.includes:
+            if other == name or other not in lex.categories:
+                raise ConfigError(f"{where}: category {name!r} includes {other!r}, which is not another category")
         for pattern in spec.patterns:
             try:
                 re.compile(pattern)
@@ -99,6 +106,9 @@ class ConceptLabeller:
         self.categories: list[str] = list(self.lexicon.categories)
         self.control: list[str] = [n for n, s in self.lexicon.categories.items() if s.control]
         self.last_token_only = last_token_only
+        index = {name: i for i, name in enumerate(self.categories)}
+        self._includes = [(index[n], [index[o] for o in s.includes]) for n, s in self.lexicon.categories.items()
+                          if s.includes]
         flags = 0 if case_sensitive else re.IGNORECASE
         self._regexes: list[list[re.Pattern[str]]] = []
         for spec in self.lexicon.categories.values():
@@ -140,6 +150,8 @@ class ConceptLabeller:
                 labels[hit[-1], c] = True
             else:
                 labels[hit, c] = True
+        for c, members in self._includes:  # a broad class also holds its member categories' tokens
+            labels[:, c] |= labels[:, members].any(1)
         return labels
 
     def label_text(self, tokenizer: Any, text: str) -> tuple[list[int], np.ndarray]:
