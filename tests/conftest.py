@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -65,3 +66,34 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def _plain_hooks(model, spec):
+    """``spec``: key -> (module path, "in" | "out"); yields key -> tensor, filled by the next forward pass.
+
+    Ground truth for the hook sites: plain ``register_forward_(pre_)hook`` on the HF modules, nothing of
+    ``HookedModel``.
+    """
+    out, handles = {}, []
+    for key, (path, mode) in spec.items():
+        mod = model.get_submodule(path)
+        if mode == "in":
+            def pre(_m, args, kwargs, key=key):
+                out[key] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            handles.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        else:
+            def post(_m, _args, output, key=key):
+                out[key] = (output[0] if isinstance(output, (tuple, list)) else output).detach().clone()
+            handles.append(mod.register_forward_hook(post))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.fixture(scope="session")
+def plain_hooks():
+    """The context manager ``plain_hooks(hf_model, spec)`` (see :func:`_plain_hooks`)."""
+    return _plain_hooks
