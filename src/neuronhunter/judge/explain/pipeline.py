@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ...config import ScanConfig, StrictModel
 from ...errors import ConfigError, RunDirError
@@ -74,6 +75,13 @@ class ExplainConfig(StrictModel):
     simulator: str | None = Field(None, description="simulator: 'embedded' or an endpoint URL [default: the "
                                   "explainer]")
     text_windows: int = Field(6, ge=2, le=64, description="held-out excerpts per neuron for text simulation")
+
+    @field_validator("explainer", "simulator")
+    @classmethod
+    def _client(cls, value: str | None) -> str | None:
+        if value is not None and value != "embedded" and not re.match(r"^https?://", value):
+            raise ValueError(f"must be 'embedded' or an http(s) URL, not {value!r}")
+        return value
 
 
 @dataclass
