@@ -93,3 +93,33 @@ class Site:
     @classmethod
     def attn_pattern(cls, layer: int) -> Site:
         return cls(layer, "attn.hook_pattern")
+
+
+_FEATURE_RE = re.compile(r"^(blocks\.\d+\.mlp\.hook_post)\.(sae|transcoder)\.(\d+)$")
+
+
+@dataclass(frozen=True, order=True)
+class FeatureSite:
+    """One feature of a sparse dictionary over a site's units, a unit like a neuron::
+
+        >>> str(FeatureSite(Site(3, "mlp.hook_post"), "sae", 17))
+        'blocks.3.mlp.hook_post.sae.17'
+
+    ``dictionary`` is ``sae`` (features of the neurons) or ``transcoder`` (features of the MLP's input that write
+    its output); see :mod:`neuronhunter.circuits.features`.
+    """
+
+    site: Site
+    dictionary: str
+    feature: int
+
+    def __str__(self) -> str:
+        return f"{self.site}.{self.dictionary}.{self.feature}"
+
+    @classmethod
+    def parse(cls, name: str) -> FeatureSite:
+        """Parse ``"blocks.3.mlp.hook_post.sae.17"``."""
+        m = _FEATURE_RE.match(name.strip())
+        if not m:
+            raise SiteError(f"malformed feature name {name!r}; expected e.g. 'blocks.3.mlp.hook_post.sae.17'")
+        return cls(Site.parse(m.group(1)), m.group(2), int(m.group(3)))
