@@ -33,14 +33,20 @@ def test_hunt_writes_the_schema(run):
     neurons = pd.read_parquet(run / "neurons.parquet")
     concepts = pd.read_parquet(run / "concepts.parquet")
     assert len(neurons) == 2 * 128 and neurons["verdict"].notna().all()
-    assert {"layer", "neuron", "max", "crs", "dprime", "entropy", "n_categories", "categories", "top_category",
-            "pos0_share", "verdict"} <= set(neurons.columns)
-    assert {"layer", "neuron", "category", "mean", "max", "count", "dprime", "selective"} <= set(concepts.columns)
+    assert {"layer", "neuron", "max", "verdict", "direction", "claim_category", "claim_categories", "flags",
+            "precision", "recall", "f1", "auprc", "p_value", "q_value", "distinct_types", "top_tokens", "crs",
+            "dprime", "entropy", "n_categories", "categories", "top_category", "pos0_ratio"} <= set(neurons.columns)
+    assert set(neurons.direction) <= {"+", "-"}
+    directions = pd.read_parquet(run / "directions.parquet")
+    assert len(directions) == 2 * len(neurons) and set(directions.direction) == {"+", "-"}
+    assert {"layer", "neuron", "category", "mean", "max", "count", "dprime", "selective", "precision_pos",
+            "precision_neg", "auprc_neg", "q_value_pos", "specific_neg"} <= set(concepts.columns)
     assert set(concepts.category) == {"date", "location", "animal", "food", "numeric", "language", "vehicle", "color",
-                                      "function", "unlabelled"}
+                                      "function", "noun", "unlabelled"}
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["kind"] == "hunt" and manifest["control_categories"] == ["function"]
+    assert manifest["kind"] == "hunt" and manifest["control_categories"] == ["function", "noun"]
     assert manifest["corpus"]["spec"] == "master" and manifest["tokens"] == 700
+    assert manifest["corpus"]["split"]["side"] == "train" and manifest["hunt"]["judged_on"]["side"] == "train"
     assert sum(manifest["hunt"]["verdicts"].values()) == 256
     assert (run / "neurons.csv").exists() and not (run / "neurons.json").exists()
     assert (run / "top_neurons.parquet").exists() and (run / "hunt.json").exists()
@@ -52,13 +58,13 @@ def test_hunt_prints_summary(tiny_folder, tmp_path, capsys):
                  "--context-length", "32", "--top-k", "2", "--formats", "parquet", "--layers", "1"]) == 0
     text = capsys.readouterr().out
     assert "Verdicts per layer" in text and "Champion" in text and "Labelled tokens" in text
-    assert "total" in text and "unselective" in text
+    assert "total" in text and "unexpl." in text and "direction" in text
     assert set(pd.read_parquet(out / "neurons.parquet").layer) == {1}
 
 
 def test_rescore_with_new_thresholds(run, tmp_path, capsys):
     strict = tmp_path / "strict.yaml"
-    strict.write_text("thresholds:\n  dprime_min: 1000\n  pos0_share_min: 1.0\n  pos0_max_share_min: 1.0\n"
+    strict.write_text("thresholds:\n  min_lift: 1000\n  pos0_ratio: 1000000\n"
                       "  fixed_position_frac: 1.0\n  fixed_position_min_examples: 1000\n")
     copy = tmp_path / "copy"
     import shutil
@@ -66,8 +72,8 @@ def test_rescore_with_new_thresholds(run, tmp_path, capsys):
     shutil.copytree(run, copy)
     assert main(["hunt", "--rescore", str(copy), "--config", str(strict)]) == 0
     verdicts = pd.read_parquet(copy / "neurons.parquet")["verdict"]
-    assert set(verdicts) <= {"unselective", "dead"}
-    assert json.loads((copy / "config.json").read_text())["thresholds"]["dprime_min"] == 1000
+    assert set(verdicts) <= {"unexplained", "dead"}
+    assert json.loads((copy / "config.json").read_text())["thresholds"]["min_lift"] == 1000
     assert "Re-scored" in capsys.readouterr().out
 
 

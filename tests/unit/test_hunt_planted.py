@@ -21,12 +21,19 @@ DEAD        nothing (zero weights)                                   dead
 ==========  ======================================================  =========================================
 
 The hunt must return exactly these verdicts, on both architectures.
+
+Property (sign invariance): negating row ``n`` of ``up_proj`` and column ``n`` of ``down_proj`` leaves a Llama
+model's function unchanged and negates neuron ``n``. For random sets of neurons (both layers) of a tiny random Llama
+model we flip, hunt again, and compare: every verdict, claim, flag and score of every neuron is the same,
+``direction`` is swapped exactly for the flipped neurons, and the per-direction table swaps its ``+``/``-`` rows.
 """
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -329,3 +336,87 @@ def test_rescore_from_stored_statistics(planted, tmp_path):
     cols = ["verdict", "direction", "claim_category", "flags", "top_tokens"]
     assert again.neurons[cols].equals(result.neurons[cols])
     assert read_json(copy / "manifest.json")["kind"] == "hunt"
+
+
+# ------------------------------------------------------------------------------------------- sign invariance
+SEEDS = [1, 2]
+
+
+@pytest.fixture(scope="module")
+def flip_corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flip") / "text.txt"
+    path.write_text(make_text(160, seed=3), encoding="utf-8")
+    return str(path)
+
+
+def hunt_in_memory(model, corpus):
+    cfg = HuntConfig(model="tiny", corpus=corpus, categories=CATEGORIES, context_length=32, top_k=20, split="all")
+    return run_hunt(cfg, model=model, write=False)
+
+
+@pytest.fixture(scope="module")
+def baseline(flip_corpus):
+    model = tiny_model("llama")
+    return model, hunt_in_memory(model, flip_corpus)
+
+
+@torch.no_grad()
+def flip(model, neurons: dict[int, list[int]]) -> None:
+    for layer, idx in neurons.items():
+        mlp = model.model.model.layers[layer].mlp
+        mlp.up_proj.weight[idx] *= -1
+        mlp.down_proj.weight[:, idx] *= -1
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, exclude: tuple[str, ...] = ()) -> None:
+    for col in a.columns:
+        if col in exclude:
+            continue
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12, equal_nan=True, err_msg=col)
+        else:
+            assert [v if isinstance(v, str | int | np.integer | bool | np.bool_) else None for v in x] == \
+                [v if isinstance(v, str | int | np.integer | bool | np.bool_) else None for v in y], col
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_flipping_neurons_changes_only_direction(baseline, flip_corpus, seed):
+    model, before = baseline
+    rng = np.random.default_rng(seed)
+    d = model.d_mlp
+    flipped = {layer: sorted(rng.choice(d, size=12, replace=False).tolist()) for layer in range(model.n_layers)}
+    flip(model, flipped)
+    try:
+        after = hunt_in_memory(model, flip_corpus)
+    finally:
+        flip(model, flipped)  # negation is exact: the shared model is restored bit for bit
+    a = before.neurons.set_index(["layer", "neuron"]).sort_index()
+    b = after.neurons.set_index(["layer", "neuron"]).sort_index()
+    # the model's function is unchanged: the scan's direction-free columns agree too
+    compare(a, b, exclude=("direction", "mean", "min", "max", "skew", "first_mean", "first_max", "first_min",
+                           "top_activation", "bottom_activation", "hist_lo", "hist_hi", "hist", "frac_active",
+                           "frac_active_neg", "first_frac_active", "pos_mean_max"))
+    is_flipped = np.zeros(len(a), dtype=bool)
+    for layer, idx in flipped.items():
+        is_flipped[[a.index.get_loc((layer, n)) for n in idx]] = True
+    directional = a["verdict"].to_numpy() != "dead"
+    swap = {"+": "-", "-": "+"}
+    expected = np.where(is_flipped & directional, [swap[x] for x in a["direction"]], a["direction"])
+    assert b["direction"].tolist() == expected.tolist()
+    assert (is_flipped & directional).sum() >= 20  # the property was exercised
+    # a flipped neuron's min is the other's -max (the scan itself sees the mirror image)
+    np.testing.assert_array_equal(b["min"].to_numpy()[is_flipped], -a["max"].to_numpy()[is_flipped])
+    # per-direction rows swap
+    da = before.directions.copy()
+    key = list(zip(da.layer, da.neuron, strict=True))
+    flip_set = {(layer, n) for layer, idx in flipped.items() for n in idx}
+    da["direction"] = [swap[s] if k in flip_set else s for s, k in zip(da.direction, key, strict=True)]
+    da = da.set_index(["layer", "neuron", "direction"]).sort_index()
+    db = after.directions.set_index(["layer", "neuron", "direction"]).sort_index()
+    compare(da, db)
+    # so do the per-category scores of the concepts table
+    for k in ("precision", "f1", "auprc", "q_value", "specific"):
+        pa, pb = before.judgement.per_category[k], after.judgement.per_category[k]
+        rows = np.nonzero(is_flipped)[0]
+        np.testing.assert_allclose(pa[rows][:, ::-1].astype(float), pb[rows].astype(float), rtol=1e-9, atol=1e-12)
