@@ -16,23 +16,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("starlette")
-pytest.importorskip("uvicorn")
-
-from neuronhunter.cli.main import main  # noqa: E402
-from neuronhunter.serve.app import create_app  # noqa: E402
-from neuronhunter.serve.server import ServerThread  # noqa: E402
-from neuronhunter.serve.testing import HOSTILE, make_runs, plant_tables  # noqa: E402
+from neuronhunter.cli.main import main
+from neuronhunter.serve.app import create_app
+from neuronhunter.serve.server import ServerThread
+from neuronhunter.serve.testing import HOSTILE, make_runs
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    paths = make_runs(root)
-    plant_tables(paths["hunt"])
-    return paths
+    return make_runs(tmp_path_factory.mktemp("serve"), planted=True)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +87,7 @@ def test_runs_lists_every_run_with_layers_and_verdicts(client, runs):
     assert sum(hunt["verdicts"].values()) == 256
     assert hunt["verdicts"] == _neurons(runs["hunt"])["verdict"].value_counts().to_dict()
     assert hunt["champion"]["layer"] in (0, 1)
-    assert {"logits", "explanations", "verification", "concepts"} <= set(hunt["tables"])
+    assert {"logits", "explanations", "claims", "concepts"} <= set(hunt["tables"])
     assert scan["kind"] == "scan" and scan["layer_ids"] == [1] and scan["verdicts"] == {}
 
 
@@ -128,15 +122,20 @@ def test_search_by_token_category_and_text(client, runs):
     assert {(r["layer"], r["neuron"]) for r in data["rows"]} == want and data["total"] == len(want)
     assert all(r["top_token"] is not None for r in data["rows"])
     frame = _neurons(runs["hunt"])
-    cats = frame["categories"].fillna("")
-    if (cats != "").any():
-        cat = cats[cats != ""].iloc[0].split(";")[0]
+    # a category matches the claim's category or any of the hunt's responsive categories
+    cats = frame["categories"].fillna("").str.split(r"[;,+]")
+    claimed = frame["claim_category"].fillna("")
+    for cat in ("color", "date"):
+        want = {(int(r.layer), int(r.neuron)) for r, c, k in zip(frame.itertuples(), cats, claimed, strict=True)
+                if cat in c or k == cat}
         data = client.json(f"/api/neurons?run=hunt&category={cat}&per_page=200")
-        assert data["total"] == int(cats.str.split(";").map(lambda c: cat in c).sum())
+        assert {(r["layer"], r["neuron"]) for r in data["rows"]} == want and data["total"] == len(want)
     text = client.json("/api/neurons?run=hunt&q=PLANTED%20explanation&per_page=200")
     assert {(r["layer"], r["neuron"]) for r in text["rows"]} == {(1, 3), (1, 5), (0, 7)}
-    flagged = client.json("/api/neurons?run=hunt&flag=low_count&per_page=200")
-    assert flagged["total"] == len(frame[[i % 7 == 0 for i in range(len(frame))]])
+    for flag in ("low_count", "first_token"):  # comma-joined flags
+        flagged = client.json(f"/api/neurons?run=hunt&flag={flag}&per_page=200")
+        assert flagged["total"] == len(frame[[i % 7 == 0 for i in range(len(frame))]])
+    assert client.json("/api/neurons?run=hunt&flag=low&per_page=200")["total"] == 0  # whole flags only
 
 
 def test_search_rejects_bad_parameters(client):
@@ -154,7 +153,9 @@ def test_neuron_details_match_the_tables(client, runs):
     row = frame[(frame.layer == 1) & (frame.neuron == 3)].iloc[0]
     data = client.json("/api/neurons/1/3?run=hunt")
     assert data["stats"]["max"] == pytest.approx(row["max"]) and data["verdict"] == row["verdict"]
-    assert data["stats"]["direction"] in ("+", "-") and isinstance(data["stats"]["flags"], list)
+    assert data["stats"]["direction"] in ("+", "-") and data["direction"] == data["stats"]["direction"]
+    assert data["claim"] == "color" and data["flags"] == (row["flags"].split(",") if isinstance(row["flags"], str) else [])
+    assert "claim_category" in data["groups"]["verdict"] and "flags" in data["groups"]["verdict"]
     assert "explanation" in data["groups"]["explanation"] and "verdict" in data["groups"]["verdict"]
     hist = data["histogram"]
     assert len(hist["counts"]) == len(hist["edges"]) - 1 == len(row["hist"]) - 2
@@ -169,8 +170,8 @@ def test_neuron_details_match_the_tables(client, runs):
     assert first["left"] + "[[" + first["peak"] + "]]" + first["right"] == first["context"]
     logits = data["tables"]["logits"]
     assert {r["direction"] for r in logits} == {"top", "bottom"} and len(logits) == 10
-    assert data["tables"]["explanations"][0]["score_heldout"] == pytest.approx(0.5)
-    assert data["tables"]["verification"][0]["confirmed"] is True
+    assert data["tables"]["explanations"][0]["f1_heldout"] == pytest.approx(0.5)
+    assert data["tables"]["claims"][0]["confirmed"] is True and data["tables"]["claims"][0]["q_value"] == 0.01
     assert {r["category"] for r in data["tables"]["concepts"]} >= {"color", "unlabelled"}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -216,6 +217,7 @@ def create_app(
     max_pending: int = 8,
     allowed_hosts: Sequence[str] | None = LOOPBACK_HOSTS,
     live: Live | None = None,
+    warm_up: bool = True,
 ) -> Any:
     """The ASGI app over ``runs`` (run folders, addressed by name).
 
@@ -226,6 +228,8 @@ def create_app(
         max_body: bytes of a request body (larger: 413).
         max_pending: live requests running or waiting at once (more: 503).
         allowed_hosts: names the ``Host`` header may carry (None: any; the default: this machine's loopback).
+        warm_up: read each run's neurons table, exemplar index and token index in a background thread at start
+            (else on the first request that needs them).
     """
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
@@ -349,8 +353,17 @@ def create_app(
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return error(request, 500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
+    def warm() -> None:
+        for run in runset:
+            try:
+                run.warm()
+            except Exception:  # a broken table shows up as that page's error, with its message
+                log.warning("run %s: could not read its tables ahead of the first request", run.name, exc_info=True)
+
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:
+        if warm_up:
+            threading.Thread(target=warm, name="neuronhunter-warm", daemon=True).start()
         yield
         live.close()
 

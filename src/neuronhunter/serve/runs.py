@@ -1,11 +1,14 @@
-"""The run folders a server shows, and every query over their Parquet tables (DuckDB, read in place).
+"""The run folders a server shows, and every query over their Parquet tables (read in place, with DuckDB).
 
-Nothing is copied into another store: each request reads the run's Parquet files with DuckDB (its Parquet metadata
-cache on), and only small derived facts (column lists, per-layer summaries, the folder's table list) are cached,
-keyed on the files' modification times, so a table rewritten by ``verify`` or a re-scored hunt shows up without a
-restart. Columns are read generically: a column the scan or hunt adds later appears on the pages and in the API
+Nothing is copied into another store and nothing is written: the server reads the run's Parquet files and keeps
+what it has read in memory, keyed on each file's modification time and size, so a table rewritten by ``verify`` or
+a re-scored hunt shows up without a restart. Columns are read generically: a column the scan or hunt adds later appears on the pages and in the API
 without code changes (grouped by name: verdict and flags, explanations, detection scores, causal results, the rest
 as statistics), and so does any other ``*.parquet`` table of the run with ``layer`` and ``neuron`` columns.
+
+Per-neuron reads go through :mod:`.tables` (a row index and row groups read on first use), searches through DuckDB
+over the neurons table held in memory as Arrow (~40 MB for 46,080 neurons), so a neuron page or an API call takes
+milliseconds rather than the 50-250 ms of a Parquet scan per table and query.
 
 A run is addressed by its name (the folder's name, made unique), never by a path from a request.
 """
@@ -23,6 +26,7 @@ from typing import Any
 
 from ..errors import RunDirError
 from ..io import MANIFEST, read_json, require_run
+from .tables import NeuronRows, TokenIndex, neuron_key
 
 NEURONS, EXAMPLES = "neurons", "examples"
 # the neuron page shows these tables first (in this order), then any other table with layer and neuron columns
@@ -33,15 +37,18 @@ MAX_TABLE_ROWS = 200  # rows of one extra table shown for one neuron
 
 # columns of the neurons table, grouped on the neuron page by name (first match wins; the rest are statistics)
 GROUPS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("verdict", re.compile(r"^(verdict|direction|flags?|top_category|second_category|categories|n_categories)$"
-                           r"|^flag_|^is_")),
-    ("explanation", re.compile(r"explanation|^label$|description|^interpretation")),
-    ("detection", re.compile(r"precision|recall|(^|_)f1($|_)|auprc|auroc|(^|_)ap($|_)")),
-    ("causal", re.compile(r"^causal|^verified|^ablation")),
+    ("verdict", re.compile(r"^(verdict|direction|flags?|top_category|second_category|categories|n_categories"
+                           r"|claim_category|claim_categories)$|^flag_|^is_")),
+    ("explanation", re.compile(r"explanation|^label$|description|^interpretation|^scored_on$")),
+    ("detection", re.compile(r"precision|recall|(^|_)f1($|_)|auprc|auroc|(^|_)ap($|_)|p_?value|q_?value")),
+    ("causal", re.compile(r"^causal|^verified|^ablation|^claim_(effect|z|q|p|confirmed)")),
 )
 HIDDEN = {"layer", "neuron", "hist", "hist_lo", "hist_hi"}
-RESULT_COLUMNS = ("layer", "neuron", "verdict", "direction", "flags", "top_category", "categories", "max", "min",
-                  "mean", "frac_active", "dprime", "crs", "kurtosis")
+RESULT_COLUMNS = ("layer", "neuron", "verdict", "direction", "claim_category", "claim_categories", "flags",
+                  "top_category", "categories", "max", "min", "mean", "frac_active", "dprime", "crs", "kurtosis")
+# columns that name a neuron's concept categories (a category search matches any of them)
+CATEGORY_COLUMNS = ("claim_category", "claim_categories", "categories", "top_category")
+LIST_SPLIT = "[;+,| ]+"  # separators of the comma-joined (or older ';'/'+'-joined) category and flag columns
 
 
 class HTTPError(Exception):
@@ -98,11 +105,13 @@ def column_group(name: str) -> str:
     return "statistics"
 
 
-def token_variants(token: str) -> list[str]:
-    """The spellings a token search matches (see :meth:`Run._token_join`)."""
-    core = token.strip() or token
-    forms = dict.fromkeys([token, core, core.lower(), core.capitalize(), core.upper()])
-    return list(dict.fromkeys([v for f in forms for v in (f, " " + f)]))
+def split_list(value: Any) -> list[str]:
+    """A comma-joined (or list) column value as a list of its non-empty items."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if str(v).strip()]
+    return [v for v in re.split(LIST_SPLIT, str(value)) if v]
 
 
 def split_context(context: str, token: str) -> tuple[str, str, str]:
@@ -160,8 +169,17 @@ class Database:
             self._local.cursor = cur
         return cur
 
-    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        res = self.cursor().execute(sql, list(params))
+    def rows(self, sql: str, params: Sequence[Any] = (), arrow: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Run ``sql``; ``arrow`` names in-memory Arrow tables the query reads (registered on this thread's
+        cursor, zero-copy)."""
+        cur = self.cursor()
+        if arrow:
+            seen = self._local.__dict__.setdefault("registered", {})
+            for name, table in arrow.items():
+                if seen.get(name) is not table:
+                    cur.register(name, table)
+                    seen[name] = table
+        res = cur.execute(sql, list(params))
         names = [d[0] for d in res.description]
         return [dict(zip(names, row, strict=True)) for row in res.fetchall()]
 
@@ -174,15 +192,67 @@ class Run:
         self.path = path
         self.db = db
         self._cache: dict[str, tuple[Any, Any]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------------- files
     def _cached(self, key: str, signature: Any, build: Any) -> Any:
+        """``build()``, kept until ``signature`` (the files' modification times and sizes) changes; built once
+        even when several threads ask at the same time."""
         hit = self._cache.get(key)
         if hit is not None and hit[0] == signature:
             return hit[1]
-        value = build()
-        self._cache[key] = (signature, value)
-        return value
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            hit = self._cache.get(key)
+            if hit is not None and hit[0] == signature:
+                return hit[1]
+            value = build()
+            self._cache[key] = (signature, value)
+            return value
+
+    def neuron_rows(self, table: str) -> NeuronRows | None:
+        """Per-neuron row access to a table (see :mod:`.tables`), or None when the run has no such table."""
+        path = self.file(table)
+        if path is None:
+            return None
+        return self._cached(f"rows:{table}", _signature(path), lambda: NeuronRows(path))
+
+    def arrow(self, table: str) -> Any:
+        """A whole (small) table in memory as Arrow, for DuckDB queries over all neurons (the neurons table)."""
+        path = self.file(table)
+        if path is None:
+            raise HTTPError(404, f"run {self.name!r} has no {table} table")
+
+        def build() -> Any:
+            import pyarrow.parquet as pq
+
+            from .tables import _string_columns
+
+            return pq.read_table(path, read_dictionary=_string_columns(pq.read_schema(path)))
+        return self._cached(f"arrow:{table}", _signature(path), build)
+
+    def view(self, table: str) -> tuple[str, dict[str, Any]]:
+        """The SQL name of an in-memory table and the mapping :meth:`Database.rows` registers it from."""
+        data = self.arrow(table)
+        name = f"t{id(data)}"
+        return name, {name: data}
+
+    def token_index(self) -> TokenIndex:
+        path = self.file(EXAMPLES)
+        if path is None:
+            raise HTTPError(400, f"run {self.name!r} has no examples table to search tokens in")
+        return self._cached("tokens", _signature(path), lambda: TokenIndex(path))
+
+    def warm(self) -> None:
+        """Read what every page needs (the neurons table, the run summary, the exemplars' row index and the token
+        index) before the first request asks for it."""
+        self.summary()
+        self.neuron_rows(NEURONS)
+        if self.file(EXAMPLES) is not None:
+            self.neuron_rows(EXAMPLES)
+            self.token_index()
 
     def file(self, table: str) -> Path | None:
         path = self.path / f"{table}.parquet"
@@ -249,18 +319,19 @@ class Run:
 
     def _build_summary(self) -> dict[str, Any]:
         cols = self.columns(NEURONS)
-        src = self.src(NEURONS)
+        src, arrow = self.view(NEURONS)
         threshold = float(self.config.get("threshold", 0.0) or 0.0)
         parts = ["layer", "count(*) AS neurons"]
         if "max" in cols:
             parts += [f"count(*) FILTER (WHERE \"max\" <= {threshold!r}) AS dead", 'max("max") AS max']
         if "frac_active" in cols:
             parts.append("avg(frac_active) AS frac_active")
-        layers = self.db.rows(f"SELECT {', '.join(parts)} FROM {src} GROUP BY layer ORDER BY layer")
+        layers = self.db.rows(f"SELECT {', '.join(parts)} FROM {src} GROUP BY layer ORDER BY layer", arrow=arrow)
         verdicts: dict[str, int] = {}
         if "verdict" in cols:
             by_layer: dict[int, dict[str, int]] = {}
-            for r in self.db.rows(f"SELECT layer, verdict, count(*) AS n FROM {src} GROUP BY ALL ORDER BY ALL"):
+            for r in self.db.rows(f"SELECT layer, verdict, count(*) AS n FROM {src} GROUP BY ALL ORDER BY ALL",
+                                  arrow=arrow):
                 v = str(r["verdict"])
                 by_layer.setdefault(int(r["layer"]), {})[v] = int(r["n"])
                 verdicts[v] = verdicts.get(v, 0) + int(r["n"])
@@ -288,8 +359,9 @@ class Run:
         if "max" not in cols:
             return None
         where = "WHERE verdict NOT IN ('positional', 'dead')" if "verdict" in cols else ""
-        rows = self.db.rows(f"SELECT layer, neuron, \"max\" FROM {self.src(NEURONS)} {where} "
-                            "ORDER BY \"max\" DESC NULLS LAST LIMIT 1")
+        src, arrow = self.view(NEURONS)
+        rows = self.db.rows(f"SELECT layer, neuron, \"max\" FROM {src} {where} "
+                            "ORDER BY \"max\" DESC NULLS LAST LIMIT 1", arrow=arrow)
         return rows[0] if rows else None
 
     # ---------------------------------------------------------------------------------------------- one neuron
@@ -308,7 +380,8 @@ class Run:
 
     def neuron_row(self, layer: int, neuron: int) -> dict[str, Any]:
         self.check(layer, neuron)
-        rows = self.db.rows(f"SELECT * FROM {self.src(NEURONS)} WHERE layer = ? AND neuron = ?", [layer, neuron])
+        table = self.neuron_rows(NEURONS)
+        rows = table.rows(layer, neuron) if table is not None else []
         if not rows:
             raise HTTPError(404, f"neuron {neuron} of layer {layer} is not in run {self.name!r}")
         return clean(rows[0])
@@ -343,9 +416,9 @@ class Run:
         if self.file(EXAMPLES) is None:
             return []
         cols = self.columns(EXAMPLES)
-        rows = clean(self.db.rows(f"SELECT * EXCLUDE (layer, neuron) FROM {self.src(EXAMPLES)} "
-                                  "WHERE layer = ? AND neuron = ?", [layer, neuron]))
+        rows = clean(self.neuron_rows(EXAMPLES).rows(layer, neuron))
         for r in rows:
+            del r["layer"], r["neuron"]
             r.setdefault("kind", "top")
             left, tok, right = split_context(str(r.get("context") or ""), str(r.get("token") or ""))
             r["left"], r["peak"], r["right"] = left, tok, right
@@ -359,9 +432,11 @@ class Run:
 
     def table_rows(self, table: str, layer: int, neuron: int, limit: int = MAX_TABLE_ROWS) -> list[dict[str, Any]]:
         order = [c for c in ("direction", "rank", "category") if c in self.columns(table)]
-        by = f"ORDER BY {', '.join(_ident(c) for c in order)}" if order else ""
-        return clean(self.db.rows(f"SELECT * EXCLUDE (layer, neuron) FROM {self.src(table)} "
-                                  f"WHERE layer = ? AND neuron = ? {by} LIMIT {int(limit)}", [layer, neuron]))
+        rows = clean(self.neuron_rows(table).rows(layer, neuron))
+        for r in rows:
+            del r["layer"], r["neuron"]
+        rows.sort(key=lambda r: tuple((r[c] is None, r[c] if r[c] is not None else 0) for c in order))
+        return rows[:limit]
 
     def neuron(self, layer: int, neuron: int, *, examples: bool = True) -> dict[str, Any]:
         """Everything known about one neuron (the neuron page and ``GET /api/neurons/{layer}/{neuron}``)."""
@@ -372,7 +447,9 @@ class Run:
             if name not in HIDDEN:
                 groups.setdefault(column_group(name), []).append(name)
         out: dict[str, Any] = {"run": self.name, "layer": layer, "neuron": neuron,
-                               "verdict": row.get("verdict"), "groups": groups,
+                               "verdict": row.get("verdict"), "direction": row.get("direction"),
+                               "claim": row.get("claim_category") or row.get("claim_categories"),
+                               "flags": split_list(row.get("flags")), "groups": groups,
                                "stats": {k: v for k, v in row.items() if k not in HIDDEN},
                                "histogram": self.histogram(row)}
         if examples:
@@ -397,8 +474,9 @@ class Run:
             where.append(f"verdict IN ({', '.join('?' * len(sq.verdicts))})")
             params += sq.verdicts
         if sq.category:
-            where.append(self._category_filter(cols))
-            params.append(sq.category)
+            clause, n = self._category_filter(cols)
+            where.append(clause)
+            params += [sq.category] * n
         if sq.direction:
             self._need(cols, "direction", "a direction")
             where.append("direction = ?")
@@ -416,9 +494,9 @@ class Run:
             if hi is not None:
                 where.append(f"{_ident(name)} <= ?")
                 params.append(hi)
-        join, join_params = "", []
         if sq.token:
-            join, join_params = self._token_join(sq.token)
+            where.append("((CAST(layer AS BIGINT) << 32) | neuron) IN (SELECT unnest(CAST(? AS BIGINT[])))")
+            params.append(self.token_index().neurons(sq.token).tolist())
         if sq.text:
             clause, extra = self._text_filter(cols, sq.text)
             where.append(clause)
@@ -434,18 +512,15 @@ class Run:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         per_page = max(1, min(int(sq.per_page), MAX_PER_PAGE))
         page = max(1, int(sq.page))
-        with_, src = "", f"{self.src(NEURONS)} n"
-        if join:
-            with_, src = f"WITH m AS ({join}) ", f"{self.src(NEURONS)} n SEMI JOIN m USING (layer, neuron)"
+        src, arrow = self.view(NEURONS)
         rows = self.db.rows(
-            f"{with_}SELECT {', '.join(_ident(c) for c in shown)}, count(*) OVER () AS _total FROM {src} "
+            f"SELECT {', '.join(_ident(c) for c in shown)}, count(*) OVER () AS _total FROM {src} "
             f"{clause} ORDER BY {_ident(sort)} {order} NULLS LAST, layer, neuron LIMIT {per_page} "
-            f"OFFSET {(page - 1) * per_page}", [*join_params, *params])
+            f"OFFSET {(page - 1) * per_page}", params, arrow=arrow)
         if rows:
             total = int(rows[0]["_total"])
         else:
-            total = int(self.db.rows(f"{with_}SELECT count(*) AS n FROM {src} {clause}",
-                                     [*join_params, *params])[0]["n"])
+            total = int(self.db.rows(f"SELECT count(*) AS n FROM {src} {clause}", params, arrow=arrow)[0]["n"])
         for r in rows:
             del r["_total"]
         rows = clean(rows)
@@ -459,32 +534,29 @@ class Run:
         if column not in cols:
             raise HTTPError(400, f"this run's neurons have no {column!r} column (no {what})")
 
-    def _category_filter(self, cols: dict[str, str]) -> str:
-        if "categories" in cols:
-            if cols["categories"].endswith("[]"):
-                return "list_contains(categories, ?)"
-            return "list_contains(string_split_regex(coalesce(categories, ''), '[;+,| ]+'), ?)"
-        self._need(cols, "top_category", "concept categories (run `neuronhunter hunt`)")
-        return "top_category = ?"
+    def _category_filter(self, cols: dict[str, str]) -> tuple[str, int]:
+        """A filter matching a category in any category column of the neurons (and how many parameters it takes)."""
+        parts = []
+        # the top category alone says little (every neuron has one): it is searched only when nothing else is there
+        names = [c for c in CATEGORY_COLUMNS[:-1] if c in cols] or [c for c in CATEGORY_COLUMNS[-1:] if c in cols]
+        for c in names:
+            if cols[c].endswith("[]"):
+                parts.append(f"list_contains({_ident(c)}, ?)")
+            else:
+                parts.append(f"list_contains(string_split_regex(coalesce({_ident(c)}, ''), '{LIST_SPLIT}'), ?)")
+        if not parts:
+            raise HTTPError(400, "this run's neurons have no category columns (no concept categories: run "
+                                 "`neuronhunter hunt`)")
+        return "(" + " OR ".join(parts) + ")", len(parts)
 
     def _flag_filter(self, cols: dict[str, str], flag: str) -> str:
         if "flags" in cols:
             if cols["flags"].endswith("[]"):
                 return "list_contains(flags, ?)"
-            return "list_contains(string_split_regex(coalesce(flags, ''), '[;+,| ]+'), ?)"
+            return f"list_contains(string_split_regex(coalesce(flags, ''), '{LIST_SPLIT}'), ?)"
         if flag in cols and cols[flag] == "BOOLEAN":
             return f"{_ident(flag)}"
         raise HTTPError(400, f"this run's neurons have no flags column nor a boolean column {flag!r}")
-
-    def _token_join(self, token: str) -> tuple[str, list[Any]]:
-        """The neurons with ``token`` at the peak of a top exemplar: the token as typed, in lower case,
-        Capitalised or UPPER case, each with and without a leading space (an equality filter DuckDB pushes into
-        the Parquet scan, several times faster than normalising every stored token)."""
-        if self.file(EXAMPLES) is None:
-            raise HTTPError(400, f"run {self.name!r} has no examples table to search tokens in")
-        kind = " AND kind = 'top'" if "kind" in self.columns(EXAMPLES) else ""
-        return (f"SELECT DISTINCT layer, neuron FROM {self.src(EXAMPLES)} WHERE token IN (SELECT unnest(?)){kind}",
-                [token_variants(token)])
 
     def _text_filter(self, cols: dict[str, str], text: str) -> tuple[str, list[Any]]:
         """Case-insensitive substring match over the neurons' text columns and any explanations table."""
@@ -505,16 +577,12 @@ class Run:
         return "(" + " OR ".join(parts) + ")", params
 
     def _add_top_tokens(self, rows: list[dict[str, Any]]) -> None:
+        """Each row's strongest top exemplar's token (``top_token``)."""
         if not rows or self.file(EXAMPLES) is None:
             return
-        layers = sorted({int(r["layer"]) for r in rows})
-        neurons = sorted({int(r["neuron"]) for r in rows})
-        kind = " AND kind = 'top'" if "kind" in self.columns(EXAMPLES) else ""
-        found = {(int(r["layer"]), int(r["neuron"])): r["token"] for r in self.db.rows(
-            f"SELECT layer, neuron, token FROM {self.src(EXAMPLES)} WHERE layer IN ({', '.join(map(str, layers))}) "
-            f"AND neuron IN ({', '.join(map(str, neurons))}) AND rank = 0{kind}")}
+        top = self.token_index().top
         for r in rows:
-            r["top_token"] = found.get((int(r["layer"]), int(r["neuron"])))
+            r["top_token"] = top.get(int(neuron_key(r["layer"], r["neuron"])))
 
 
 class RunSet:

@@ -3,7 +3,7 @@
 :func:`make_runs` saves a tiny random GPT-2 model to a folder (so the server can load it lazily from the run's
 ``config.json``), hunts and scans a small corpus with it — one document of which is hostile HTML, to check that
 pages show corpus text as text — and writes the run's logit attribution. :func:`plant_tables` adds *synthetic*
-explanation and verification tables (and the future neurons columns ``direction`` and ``flags``) to a run, to
+explanation and claims tables (and the judgement columns ``direction``, ``flags``, ``claim_category``) to a run, to
 test that optional tables and columns appear; they are made-up data, for tests only.
 """
 
@@ -26,6 +26,28 @@ DOCUMENTS = [
 ]
 
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (make test installs it); NEURONHUNTER_CHROMIUM overrides
+BROWSER_ARGS = ("--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run")
+
+
+def chromium_path() -> str:
+    """The chromium executable the browser tests and screenshots drive with Playwright (Playwright's own browser
+    download is not used); a clear error when it is missing."""
+    import os
+
+    path = os.environ.get("NEURONHUNTER_CHROMIUM", CHROMIUM)
+    if not os.access(path, os.X_OK):
+        raise FileNotFoundError(f"no chromium at {path}: `apt-get install chromium` (make test does it as root) "
+                                "or set NEURONHUNTER_CHROMIUM")
+    return path
+
+
+def browser_args() -> list[str]:
+    """Chromium's command-line flags for headless runs here (no sandbox as root, no GPU, no network chatter)."""
+    return list(BROWSER_ARGS)
+
+
 def write_corpus(path: Path) -> Path:
     import json
 
@@ -33,9 +55,11 @@ def write_corpus(path: Path) -> Path:
     return path
 
 
-def make_runs(root: str | Path, *, family: str = "gpt2", logits: bool = True) -> dict[str, Path]:
+def make_runs(root: str | Path, *, family: str = "gpt2", logits: bool = True, planted: bool = False
+              ) -> dict[str, Path]:
     """A hunt run (layers 0 and 1) and a scan run (layer 1, one histogram range for every neuron, its edges in
-    the manifest) of a tiny random model saved in ``root/model``; returns their paths and the model's."""
+    the manifest) of a tiny random model saved in ``root/model``; returns their paths and the model's. With
+    ``planted`` the hunt run also gets the synthetic tables of :func:`plant_tables`."""
     from ..config import ScanConfig
     from ..hunt import HuntConfig, run_hunt
     from ..models.loading import load_model
@@ -55,36 +79,44 @@ def make_runs(root: str | Path, *, family: str = "gpt2", logits: bool = True) ->
         from ..analysis.attribution import write_logits
 
         write_logits(root / "hunt", model, k=5)
+    if planted:
+        plant_tables(root / "hunt")
     return {"hunt": root / "hunt", "scan": root / "scan", "model": model_dir}
 
 
 def plant_tables(run: str | Path, neurons: list[tuple[int, int]] | None = None) -> dict[str, Any]:
-    """Add synthetic ``explanations`` and ``verification`` tables and ``direction``/``flags``/``explanation``
-    columns of the neurons table to a run (for tests of optional tables; the values are made up)."""
+    """Add synthetic ``explanations`` and ``claims`` tables and the judgement columns of the neurons table
+    (``direction``, ``flags`` comma-joined, ``claim_category``, ``explanation``) to a run, shaped as the
+    explain/verify/judge conventions describe them (for tests of optional tables; the values are made up)."""
     import pandas as pd
 
     from ..io import write_table
 
     run = Path(run)
     picked = neurons or [(1, 3), (1, 5), (0, 7)]
+    text = "planted explanation {}.{}: <b>colour</b> words & \"names\""
     frame = pd.read_parquet(run / "neurons.parquet")
     frame["direction"] = ["+" if i % 3 else "-" for i in range(len(frame))]
-    frame["flags"] = [["low_count"] if i % 7 == 0 else [] for i in range(len(frame))]
+    frame["flags"] = ["low_count,first_token" if i % 7 == 0 else None for i in range(len(frame))]
+    frame["claim_category"] = None
     frame["explanation"] = None
     for layer, neuron in picked:
         at = (frame["layer"] == layer) & (frame["neuron"] == neuron)
-        frame.loc[at, "explanation"] = f"planted explanation {layer}.{neuron}: <b>colour</b> words & \"names\""
+        frame.loc[at, "explanation"] = text.format(layer, neuron)
+        frame.loc[at, "claim_category"] = "color"
     write_table(frame, run / "neurons")
     explanations = pd.DataFrame({
-        "layer": [p[0] for p in picked], "neuron": [p[1] for p in picked],
-        "explanation": [f"planted explanation {a}.{b}: <b>colour</b> words & \"names\"" for a, b in picked],
-        "score_heldout": [0.5 + 0.1 * i for i in range(len(picked))],
+        "layer": [p[0] for p in picked], "neuron": [p[1] for p in picked], "direction": ["+"] * len(picked),
+        "explanation": [text.format(a, b) for a, b in picked],
+        "f1_heldout": [0.5 + 0.1 * i for i in range(len(picked))], "scored_on": ["heldout"] * len(picked),
     })
     write_table(explanations, run / "explanations")
-    verification = pd.DataFrame({
-        "layer": [p[0] for p in picked], "neuron": [p[1] for p in picked], "category": ["color"] * len(picked),
-        "causal_effect": [0.01 * (i + 1) for i in range(len(picked))], "causal_z": [2.5 if i == 0 else 0.3 for i in range(len(picked))],
-        "confirmed": [i == 0 for i in range(len(picked))],
+    claims = pd.DataFrame({
+        "layer": [p[0] for p in picked], "neuron": [p[1] for p in picked], "direction": ["+"] * len(picked),
+        "category": ["color"] * len(picked), "effect": [0.01 * (i + 1) for i in range(len(picked))],
+        "z": [2.5 if i == 0 else 0.3 for i in range(len(picked))],
+        "q_value": [0.01 if i == 0 else 0.6 for i in range(len(picked))],
+        "confirmed": [i == 0 for i in range(len(picked))], "verified_on": ["heldout"] * len(picked),
     })
-    write_table(verification, run / "verification")
-    return {"neurons": picked, "explanations": explanations, "verification": verification}
+    write_table(claims, run / "claims")
+    return {"neurons": picked, "explanations": explanations, "claims": claims}
