@@ -31,7 +31,7 @@ def make_run(folder, n_layers: int, per_layer: int, selective: dict[str, set[int
                             "max": np.linspace(1, 2, n), "crs": np.linspace(0, 1, n),
                             "dprime": np.linspace(0, 4, n), "entropy": np.linspace(2, 0, n),
                             "top_category": ["animal"] * n,
-                            "verdict": [verdicts.get(int(g), "unselective") for g in gid]})
+                            "verdict": [verdicts.get(int(g), "unexplained") for g in gid]})
     rows = []
     for c in [*CATS, "function", "unlabelled"]:
         for g in gid:
@@ -112,7 +112,7 @@ def test_writes_csv(run, tmp_path):
 def test_query(run):
     folder, _ = run
     df = query(folder, "SELECT verdict, count(*) AS n FROM neurons GROUP BY verdict ORDER BY n DESC, verdict")
-    assert df.iloc[0].tolist() == ["unselective", 9]
+    assert df.iloc[0].tolist() == ["unexplained", 9]
     with pytest.raises(ConfigError, match="query failed"):
         query(folder, "SELECT nope FROM neurons")
 
