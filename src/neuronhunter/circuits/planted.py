@@ -3,8 +3,8 @@
 * :func:`superposition_model`: layer 0's neuron 0 fires for two unrelated token sets (animals and colours: two
   features in one neuron); neuron 1 also fires on animals, neuron 2 on colours. A dictionary over the neurons should
   find one feature per set, each firing on one set only, both writing to neuron 0.
-* :func:`cofiring_model`: groups of layer-0 neurons read the same embedding direction (they fire together) and one
-  group reads its negation (it fires exactly when the first is silent); the rest read independent directions.
+* :func:`cofiring_model`: two groups of layer-0 neurons each read one embedding direction (the neurons of a group
+  fire together, on animals or on colours); every other neuron reads a direction of its own.
 * :func:`planted_path_model`: a two-layer model whose answer logit difference is carried by one path, head
   ``(0, 0)`` -> neuron ``(1, 0)`` -> logits, while a decoy path (head ``(0, 1)`` -> neuron ``(1, 1)``) fires on the
   same input change but writes a direction the metric does not read. The other heads and neurons are silenced.
@@ -83,36 +83,31 @@ def superposition_model(seed: int = 0) -> HookedModel:
 
 
 def cofiring_model(seed: int = 0, group: int = 4) -> tuple[HookedModel, list[list[int]]]:
-    """Layer 0 neurons in groups that fire together (see the module docstring). Returns the model and the planted
-    groups: ``[0..group)`` reads direction 0, ``[group..2 group)`` direction 1, ``[2 group..3 group)`` the negation
-    of direction 0; every other neuron reads a direction of its own."""
+    """Layer-0 neurons in two groups that fire together (see the module docstring). Returns the model and the
+    planted groups: ``[0, group)`` reads the animal direction, ``[group, 2 group)`` the colour direction; every
+    other neuron reads a private direction that every token carries a random amount of."""
     d_mlp = 32
     model = _gpt2(d_mlp, seed)
     u = _directions(64, 2 + d_mlp, seed)
-    sets = [_ids(model, ANIMALS), _ids(model, COLOURS)]
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         wte = model.model.get_input_embeddings().weight
         wte.normal_(0.0, 0.02, generator=g)
-        for ids, d in zip(sets, u[:2], strict=True):
-            wte[ids] += d
-        # every token gets a little of each private direction, so the other neurons fire independently
         wte += 0.3 * torch.randn(wte.shape[0], d_mlp, generator=g) @ u[2:]
+        for ids, d in zip([_ids(model, ANIMALS), _ids(model, COLOURS)], u[:2], strict=True):
+            wte[ids] += d
         block = model.model.transformer.h[0]
         block.attn.c_proj.weight.zero_()
         block.attn.c_proj.bias.zero_()
         w, b = block.mlp.c_fc.weight, block.mlp.c_fc.bias
         w.zero_()
         b.zero_()
-        groups = [list(range(0, group)), list(range(group, 2 * group)), list(range(2 * group, 3 * group))]
+        groups = [list(range(0, group)), list(range(group, 2 * group))]
         for n in range(d_mlp):
             w[:, n] = u[2 + n]
-        for n in groups[0]:
-            w[:, n] = u[0] * (1.0 + 0.1 * n) + 0.05 * u[2 + n]
-        for n in groups[1]:
-            w[:, n] = u[1] * (1.0 + 0.1 * n) + 0.05 * u[2 + n]
-        for n in groups[2]:
-            w[:, n] = -u[0] * (1.0 + 0.1 * n) + 0.05 * u[2 + n]
+        for which, members in enumerate(groups):
+            for n in members:
+                w[:, n] = u[which] * (1.0 + 0.1 * n) + 0.05 * u[2 + n]
     return model, groups
 
 
@@ -172,10 +167,18 @@ def planted_task() -> list[dict[str, str]]:
     return pairs
 
 
-def write_corpus(path: str | Path, n_docs: int = 200, words: int = 60, seed: int = 0) -> Path:
-    """A JSONL corpus of filler, animal and colour words (the planted models' tokens)."""
+def write_corpus(path: str | Path, n_docs: int = 200, words: int = 60, seed: int = 0, *, varied: bool = False
+                 ) -> Path:
+    """A JSONL corpus of filler, animal and colour words (the planted models' tokens); ``varied``: the words of
+    the bundled corpus instead of the filler, with animals and colours as one word in ten (many token types, so
+    units that read unrelated directions do not correlate by chance)."""
     rng = random.Random(seed)
     vocab = list(ANIMALS + COLOURS + FILLER + FILLER)
+    if varied:
+        from ..data.corpus import Corpus
+
+        pool = sorted({" " + w.strip(".,;:!?\"'()") for doc in Corpus(None) for w in doc.text.split()} - {" "})
+        vocab = pool + list(ANIMALS + COLOURS) * max(1, len(pool) // 80)
     path = Path(path)
     path.write_text("\n".join(json.dumps({"text": "".join(rng.choice(vocab) for _ in range(words)).strip()})
                               for _ in range(n_docs)) + "\n", encoding="utf-8")
