@@ -287,33 +287,115 @@ class HookedModel:
             yield
 
     # ---------------------------------------------------------------------------------------------- forward
+    @contextlib.contextmanager
+    def starting_at(self, layer: int, resid: Tensor | None) -> Iterator[None]:
+        """Inside the block, forward passes start at block ``layer`` from the residual stream ``resid``.
+
+        ``resid`` (``[batch, pos, d_model]``) is what block ``layer`` reads, ``hook_resid_pre`` of that layer, e.g.
+        cached from an earlier pass. Blocks ``0 .. layer - 1`` hand their input through untouched (they compute
+        nothing) and block ``layer``'s input is replaced by ``resid``. Everything else is still the model's own
+        forward, built from ``input_ids``/``attention_mask``/``position_ids`` as in a full pass: the embeddings
+        (computed and discarded: learned position embeddings such as GPT-2's are already inside ``resid``), the
+        attention masks (including sliding windows and per-layer attention types), the rotary tables, post-norms
+        and soft-caps. So blocks ``layer ..`` compute exactly what they compute in a full pass (tests check equality
+        for every family). Sites before ``layer`` see placeholders; do not read them. ``layer == 0`` or ``resid``
+        None leaves the pass unchanged except that block 0's input is replaced (or not).
+        """
+        if not 0 <= layer < self.n_layers:
+            raise SiteError(f"start_at_layer must be in 0..{self.n_layers - 1}, got {layer}")
+        if resid is None:
+            if layer:
+                raise SiteError("start_at_layer needs the residual stream at that layer (resid)")
+            yield
+            return
+        target = resid
+
+        def passthrough(hidden_states: Tensor, *_: Any, **__: Any) -> Tensor:
+            return hidden_states
+
+        def replace(_mod: nn.Module, args: tuple, kwargs: dict) -> Any:
+            value = target.to(device=self.device, dtype=(args[0] if args else kwargs["hidden_states"]).dtype)
+            if args:
+                if tuple(args[0].shape) != tuple(value.shape):
+                    raise SiteError(f"start_at_layer: resid has shape {tuple(value.shape)}, the block reads "
+                                    f"{tuple(args[0].shape)}")
+                return (value, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": value}
+
+        saved = [self.blocks[i].__dict__.get("forward") for i in range(layer)]
+        handle = self.blocks[layer].register_forward_pre_hook(replace, with_kwargs=True)
+        try:
+            for i in range(layer):
+                self.blocks[i].forward = passthrough
+            yield
+        finally:
+            handle.remove()
+            for i, fwd in enumerate(saved):
+                if fwd is None:
+                    del self.blocks[i].forward
+                else:
+                    self.blocks[i].forward = fwd
+
+    def _base(self) -> nn.Module:
+        return getattr(self.model, self.model.base_model_prefix, None) or self.model
+
     def forward(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         *,
         stop_at_layer: int | None = None,
+        start_at_layer: int | None = None,
+        resid: Tensor | None = None,
+        position_ids: Tensor | None = None,
         grad: bool = False,
     ) -> Tensor | None:
         """Run the model; return logits ``[batch, pos, vocab]``.
 
         With ``stop_at_layer`` only blocks ``0 .. stop_at_layer - 1`` run (no final norm when stopped earlier, never
-        the unembedding) and None is returned. Runs without autograd unless ``grad=True``.
+        the unembedding) and None is returned. With ``start_at_layer`` (and ``resid``, that layer's
+        ``hook_resid_pre``) the pass starts there (:meth:`starting_at`). ``attention_mask`` may be ``[batch, pos]``
+        (1 = real token) or a prepared additive ``[batch, 1, pos, pos]`` mask, used as is. Runs without autograd
+        unless ``grad=True``.
         """
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        with contextlib.nullcontext() if grad else torch.no_grad():
+        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.device)}
+        start = contextlib.nullcontext() if start_at_layer is None else self.starting_at(start_at_layer, resid)
+        with contextlib.nullcontext() if grad else torch.no_grad(), start:
             if stop_at_layer is not None:
                 with self.hooks({}, stop_at_layer=stop_at_layer):
-                    base = getattr(self.model, self.model.base_model_prefix, None) or self.model
                     try:
-                        base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                        self._base()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
                     except StopForward:
                         pass
                 return None
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         return out.logits
+
+    def final_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None, *,
+                     start_at_layer: int | None = None, resid: Tensor | None = None,
+                     position_ids: Tensor | None = None, grad: bool = False) -> Tensor:
+        """The last hidden state ``[batch, pos, d_model]`` (after the final norm), without the unembedding; logits of
+        a few positions are then cheap with :meth:`unembed`. Arguments as in :meth:`forward`."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        extra = {} if position_ids is None else {"position_ids": position_ids.to(self.device)}
+        start = contextlib.nullcontext() if start_at_layer is None else self.starting_at(start_at_layer, resid)
+        with contextlib.nullcontext() if grad else torch.no_grad(), start:
+            out = self._base()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        return out.last_hidden_state
+
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """Logits of final hidden states ``[..., d_model]``: the output embedding, then the final-logit soft-cap of
+        models that have one (Gemma 2/3), as the model's own head does."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     __call__ = forward
 
