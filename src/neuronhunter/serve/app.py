@@ -306,8 +306,8 @@ def create_app(
         return as_json(run.neuron(layer, neuron))
 
     def api_health(request: Request) -> Response:
-        return as_json({"ok": True, "runs": [r.name for r in runset], "models_loaded": live.loaded,
-                        "live_pending": live.pending})
+        return as_json({"ok": True, "runs": [r.name for r in runset], "tables_read": warmed.is_set(),
+                        "models_loaded": live.loaded, "live_pending": live.pending})
 
     def _live_args(data: dict[str, Any]) -> tuple[Run, int, int]:
         name = data.get("run")
@@ -353,12 +353,15 @@ def create_app(
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return error(request, 500, f"internal error ({type(exc).__name__}); the server's log has the details")
 
+    warmed = threading.Event()
+
     def warm() -> None:
         for run in runset:
             try:
                 run.warm()
             except Exception:  # a broken table shows up as that page's error, with its message
                 log.warning("run %s: could not read its tables ahead of the first request", run.name, exc_info=True)
+        warmed.set()
 
     @asynccontextmanager
     async def lifespan(app: Any) -> Any:

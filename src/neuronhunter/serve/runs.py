@@ -245,14 +245,20 @@ class Run:
             raise HTTPError(400, f"run {self.name!r} has no examples table to search tokens in")
         return self._cached("tokens", _signature(path), lambda: TokenIndex(path))
 
-    def warm(self) -> None:
-        """Read what every page needs (the neurons table, the run summary, the exemplars' row index and the token
-        index) before the first request asks for it."""
+    def warm(self, everything: bool = True) -> None:
+        """Read what every page needs before the first request asks for it: the neurons table, the run summary,
+        the exemplars' row index and the token index; with ``everything`` also every row group of every table a
+        neuron page shows (so no page view waits for a first read of its layer)."""
         self.summary()
         self.neuron_rows(NEURONS)
         if self.file(EXAMPLES) is not None:
             self.neuron_rows(EXAMPLES)
             self.token_index()
+        if everything:
+            for table in (EXAMPLES, *self.tables()):
+                rows = self.neuron_rows(table)
+                if rows is not None:
+                    rows.read_all()
 
     def file(self, table: str) -> Path | None:
         path = self.path / f"{table}.parquet"

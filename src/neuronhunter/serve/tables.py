@@ -4,10 +4,10 @@ asked for.
 
 Why: DuckDB answers ``WHERE layer = ? AND neuron = ?`` over a Parquet file by decoding whole row groups, which
 for the default hunt run (46,080 neurons; 3 million exemplars, 1.8 million logit rows) costs 50-250 ms a query on
-a 2-core machine: too slow for a neuron page that reads four tables. Here the first request that touches a row
-group reads it once (about a layer of exemplars, ~100 ms); every later neuron of it is a slice (~1-5 ms). Memory
-grows with the row groups visited, up to the size of the table in Arrow (~250 MB for the exemplars of the default
-run, numbers included). The files are never copied or rewritten; a changed file (new modification time or size)
+a 2-core machine: too slow for a neuron page that reads four tables. Here a row group is read once (about a layer
+of exemplars, ~100-300 ms), by the first request that touches it or by the server's warm-up, which reads them
+all in the background after start; every neuron in it is then a slice (~1-5 ms). Held in memory: the tables in
+Arrow, strings dictionary-encoded (~400 MB for the default run's exemplars, logit attribution and concepts). The files are never copied or rewritten; a changed file (new modification time or size)
 is read afresh.
 """
 
@@ -83,6 +83,11 @@ class NeuronRows:
                             table = table.set_column(at, name, pc.dictionary_encode(table[name]))
                     self._groups[i] = table
         return table
+
+    def read_all(self) -> None:
+        """Read every row group now (the server's warm-up does this in the background)."""
+        for i in range(len(self.bounds) - 1):
+            self._group(i)
 
     def rows(self, layer: int, neuron: int) -> list[dict[str, Any]]:
         """The table's rows of one neuron, in file order ([] when it has none)."""
