@@ -36,8 +36,8 @@ DIRECTIONS = ("+", "-")
 
 def word_type(token: str) -> str:
     """The word type of a token string: surrounding white space dropped, lower-cased (`` By`` and ``by`` are one
-    type; BPE pieces stay as they are)."""
-    return token.strip().lower() or token
+    type; BPE pieces stay as they are); a white-space token is shown with ``\\n``, ``\\t`` and ``␣``."""
+    return token.strip().lower() or token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣")
 
 
 @dataclass

@@ -110,6 +110,7 @@ class Specificity:
     p_value: np.ndarray
     lift_in: np.ndarray
     p_in: np.ndarray
+    unlabelled_precision: np.ndarray  # [d] share of the high set with no label at all
 
 
 def peak_value(top_values: np.ndarray) -> np.ndarray:
@@ -148,6 +149,7 @@ def specificity(view: DirectionView, n_tokens: int, cat_count: np.ndarray, scale
     n_high = (view.counts * mask).sum(1)  # [d]
     cats = view.cat_counts[:-1]  # [C, d, B]
     hits = (cats * mask[None]).sum(2).T.astype(np.float64)  # [d, C]
+    unlabelled = (view.cat_counts[-1] * mask).sum(1).astype(np.float64)
     k_c = cat_count[:-1].astype(np.float64)[None, :]
     n_h = n_high.astype(np.float64)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -181,8 +183,10 @@ def specificity(view: DirectionView, n_tokens: int, cat_count: np.ndarray, scale
             # a category in several broad classes must pass inside each: keep the weakest evidence
             lift_in[:, m] = np.fmin(lift_in[:, m], lift_m) if np.isfinite(lift_in[:, m]).any() else lift_m
             p_in[:, m] = np.fmax(p_in[:, m], p_m) if np.isfinite(p_in[:, m]).any() else p_m
+    unl_prec = np.where(n_high > 0, unlabelled / np.maximum(n_high, 1), 0.0)
     return Specificity(peak=peak, threshold=threshold, n_high=n_high, hits=hits, precision=precision,
-                       recall=recall, f1=f1, lift=lift, auprc=auprc, p_value=p_value, lift_in=lift_in, p_in=p_in)
+                       recall=recall, f1=f1, lift=lift, auprc=auprc, p_value=p_value, lift_in=lift_in, p_in=p_in,
+                       unlabelled_precision=unl_prec)
 
 
 @dataclass
@@ -195,6 +199,7 @@ class TokenEvidence:
         top2_share: share of the entries whose type is one of the two most common.
         top_types: ``[d, 3]`` indices of the three most common types (-1 where fewer).
         top_shares: ``[d, 3]`` their shares.
+        top_bits: ``[d, 3]`` the label bits of each of them (at its first top-k entry; bit ``C``: unlabelled).
         cat_share: ``[d, C]`` share of the entries whose peak token is labelled with each category.
         cat_types: ``[d, C]`` distinct word types among the entries labelled with each category.
     """
@@ -204,6 +209,7 @@ class TokenEvidence:
     top2_share: np.ndarray
     top_types: np.ndarray
     top_shares: np.ndarray
+    top_bits: np.ndarray
     cat_share: np.ndarray
     cat_types: np.ndarray
 
@@ -231,6 +237,7 @@ def token_evidence(view: DirectionView, n_categories: int) -> TokenEvidence:
     order = np.argsort(-per_type, axis=0, kind="stable")[:3]  # [3, d]
     top_counts = np.take_along_axis(per_type, order, axis=0)
     top_types = np.where(top_counts > 0, np.take_along_axis(types, order, axis=0), -1).T
+    top_bits = np.where(top_counts > 0, np.take_along_axis(bits, order, axis=0), 0).T
     denom = np.maximum(n_valid, 1)
     top_shares = (top_counts / denom).T
     top2_share = top_counts[:2].sum(0) / denom
@@ -241,4 +248,4 @@ def token_evidence(view: DirectionView, n_categories: int) -> TokenEvidence:
         cat_share[:, c] = has.sum(0) / denom
         cat_types[:, c] = _distinct(types, has)
     return TokenEvidence(n_valid=n_valid, n_types=n_types, top2_share=top2_share, top_types=top_types,
-                         top_shares=top_shares, cat_share=cat_share, cat_types=cat_types)
+                         top_shares=top_shares, top_bits=top_bits, cat_share=cat_share, cat_types=cat_types)

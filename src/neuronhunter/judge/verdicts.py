@@ -20,7 +20,10 @@ scores of :mod:`neuronhunter.judge.specificity`; thresholds are the fields of :c
    (the sequence starter carries the highest activations: judged against the top quantiles, not against
    means), or the top-k peaks sit at one window position (share ``>= fixed_position_frac`` of at least
    ``fixed_position_min_examples`` peaks, ``P >= floor * S``).
-3. ``token``: ``P >= floor * S`` and the two most common word types carry ``>= token_share`` of the top-k peaks.
+3. ``token``: ``P >= floor * S``, the two most common word types carry ``>= token_share`` of the top-k peaks,
+   and the high set agrees: a type's share of ``H`` is at most the precision of every category it is labelled
+   with (or of "unlabelled"), so ``sum over the two types of min over their labels of precision >= token_share``
+   (a neuron whose top-k peaks are all " the" but whose high set is 40% other tokens is not a token neuron).
 4. ``monosemantic`` / ``polysemantic``: the specific concept categories form one group / two or more groups of
    related categories (``related`` pairs, or label overlap ``|A & B| / min(|A|, |B|) >= related_overlap``), and
    the groups explain the high set: the sum over groups of the best precision in each is ``>= claim_coverage``.
@@ -35,7 +38,8 @@ direction's convention, so relabelling the sign of a gated neuron changes ``dire
 **Flags** (comma-joined, kept whatever the verdict): ``pos0`` (the position-0 value is among the high
 activations, ``f >= max(floor * S, peak_fraction * P)``, without being positional), ``concept:a+b`` (specific
 concept categories a positional/token/syntactic/unexplained verdict does not claim), ``control:k`` (a specific
-control class not claimed), ``sparse`` (the claim's recall is below ``sparse_recall``), ``weak`` (``P < floor * S``
+control class not claimed), ``sparse`` (the claim's recall is below ``sparse_recall`` although the high set did not
+fill its ``high_quantile`` quota: the neuron fires strongly on few tokens of the category), ``weak`` (``P < floor * S``
 in the verdict's direction), ``opposite:verdict[/claim]`` (the other direction's verdict, when it is not
 unexplained or dead).
 """
@@ -200,8 +204,17 @@ def decide(feat: LayerFeatures, ds: DirectionScores, th: VerdictThresholds, *, d
     first = np.nan_to_num(ds.first, nan=-np.inf)
     pos0 = (first >= floor) & ((first >= th.pos0_ratio * peak) | ~np.isfinite(peak))
     fixed = (tk.n_valid >= th.fixed_position_min_examples) & (ds.topk_pos_frac >= th.fixed_position_frac) & strong
-    token = strong & (tk.n_valid >= th.fixed_position_min_examples) & (tk.top2_share >= th.token_share)
+    prec_all = np.concatenate([sp.precision, sp.unlabelled_precision[:, None]], axis=1)  # [d, C+1]
+    bound = np.zeros(d)
+    for j in range(2):  # the high-set share a top type can have at most
+        bits = tk.top_bits[:, j]
+        has = ((bits[:, None] >> np.arange(c + 1)[None, :]) & 1).astype(bool)  # [d, C+1]
+        cap = np.where(has, prec_all, np.inf).min(1)
+        bound += np.where((tk.top_types[:, j] >= 0) & np.isfinite(cap), cap, 0.0)
+    token = (strong & (tk.n_valid >= th.fixed_position_min_examples) & (tk.top2_share >= th.token_share)
+             & (bound >= th.token_share))
     high_first = first >= np.fmax(floor, th.peak_fraction * np.nan_to_num(peak, nan=0.0))
+    full = sp.n_high >= th.high_quantile * feat.n_tokens  # the high set was cut by its quota, not by the floors
 
     verdict = np.full(d, "unexplained", dtype=object)
     claim: list[str | None] = [None] * d
@@ -238,7 +251,7 @@ def decide(feat: LayerFeatures, ds: DirectionScores, th: VerdictThresholds, *, d
         verdict[i] = v
         f = flags[i]
         if v == "monosemantic":
-            top = max(groups[0], key=lambda j: (sp.f1[i, j], -j))
+            top = max(groups[0], key=lambda j: (prec[j], sp.f1[i, j], -j))
             claim[i], report[i] = names[top], top
         elif v == "polysemantic":
             claims[i] = ",".join(names[j] for j in conc)
@@ -247,7 +260,7 @@ def decide(feat: LayerFeatures, ds: DirectionScores, th: VerdictThresholds, *, d
             claim[i], report[i] = names[ctrl[0]], ctrl[0]
         else:
             report[i] = best_f1
-        if v in ("monosemantic", "syntactic") and sp.recall[i, report[i]] < th.sparse_recall:
+        if v in ("monosemantic", "syntactic") and sp.recall[i, report[i]] < th.sparse_recall and not full[i]:
             f.append("sparse")
         if high_first[i] and v not in ("positional", "dead"):
             f.append("pos0")

@@ -406,6 +406,7 @@ def random_baseline(tokens: Block, counts: np.ndarray, seed: int) -> Block:
     bins = np.where(counts > 0, np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64) + 1, 0)
     pools = {int(b): np.nonzero(bins == b)[0] for b in np.unique(bins)}
     keys = np.full_like(tokens.keys, -1)
+    cache: dict[tuple[int, int], np.ndarray] = {}
     for i in range(len(tokens)):
         own = [int(x) for x in tokens.keys[i] if x >= 0]
         digest = hashlib.blake2b(json.dumps([seed, int(tokens.layer[i]), int(tokens.neuron[i]), sorted(own)])
@@ -415,7 +416,7 @@ def random_baseline(tokens: Block, counts: np.ndarray, seed: int) -> Block:
         for j, key in enumerate(own):
             b = int(bins[key]) if key < n_vocab else 0
             for step in range(64):
-                pool = _pool(pools, b, step)
+                pool = _pool(pools, b, step, cache)
                 if len(pool) <= len(taken):
                     continue
                 for _ in range(32):  # rejection sampling: the pool is much larger than the taken set
@@ -430,10 +431,13 @@ def random_baseline(tokens: Block, counts: np.ndarray, seed: int) -> Block:
                  tokens.weights.copy())
 
 
-def _pool(pools: dict[int, np.ndarray], b: int, step: int) -> np.ndarray:
-    """Keys of frequency bins ``b - step`` and ``b + step``."""
-    parts = [pools[x] for x in sorted({b - step, b + step}) if x in pools]
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+def _pool(pools: dict[int, np.ndarray], b: int, step: int, cache: dict[tuple[int, int], np.ndarray]) -> np.ndarray:
+    """Keys of frequency bins ``b - step`` and ``b + step`` (built once per pair)."""
+    hit = cache.get((b, step))
+    if hit is None:
+        parts = [pools[x] for x in sorted({b - step, b + step}) if x in pools]
+        hit = cache[(b, step)] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return hit
 
 
 def top_token_baseline(tokens: Block) -> Block:
