@@ -114,6 +114,11 @@ def main() -> None:
     ap.add_argument("--load-requests", type=int, default=2000)
     ap.add_argument("--load-seconds", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--screenshots", type=Path, default=None, help="also take PNG screenshots of the main pages "
+                    "into this folder (docs/img), with Playwright and Debian's chromium")
+    ap.add_argument("--screenshots-only", action="store_true", help="take the screenshots, measure nothing")
+    ap.add_argument("--browse", type=Path, default=None, help="with --screenshots: a `browse` index.html to "
+                    "screenshot too")
     args = ap.parse_args()
     run = Path(args.run)
     if not (run / "neurons.parquet").exists():
@@ -131,6 +136,9 @@ def main() -> None:
         client = Client(host, port)
         answers, read = wait_warm(client)
         print(f"server answering after {answers:.1f} s; its background read of the tables done after {read:.1f} s")
+        if args.screenshots_only:
+            take_screenshots(host, port, name, args)
+            return
         tokens = [" red", " the", " cheese", " Paris", " 12", "ing", " blue", " and"]
         searches = [f"/api/neurons?run={name}&token={quote(t)}" for t in tokens] + [
             f"/api/neurons?run={name}&verdict=monosemantic&sort=dprime",
@@ -169,21 +177,59 @@ def main() -> None:
         n_tok = len(data["tokens"])
         print(f"live: first request (loads the model) {first / 1000:.1f} s; text of {n_tok} tokens")
         for layer in (29, 15):
-            ms = []
+            ms, server_ms = [], []
             for i in range(args.live):
-                status, _, t = client.call("POST", "/api/activations", {**body, "layer": layer, "neuron": i})
+                status, payload, t = client.call("POST", "/api/activations", {**body, "layer": layer, "neuron": i})
                 if status != 200:
                     raise SystemExit(f"live request failed: HTTP {status}")
                 ms.append(t)
+                server_ms.append(json.loads(payload)["elapsed_ms"])
             print(summary(f"live {n_tok} tokens, layer {layer}", ms, 1000))
+            print(f"{'':<34} of which the model's work in the server: median {percentile(server_ms, 0.5):.1f} ms")
+        bare_forward(run, body["text"])
 
         load_test(host, port, name, pairs, searches, body, args, rng)
+        if args.screenshots is not None:
+            take_screenshots(host, port, name, args)
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def bare_forward(run: Path, text: str, repeats: int = 5) -> None:
+    """The same text's windows through the model in this process, no hooks: what a live request costs at least
+    on this machine now (the machine is shared, so its speed changes by the minute)."""
+    import torch
+
+    from neuronhunter.io import read_json
+    from neuronhunter.models.loading import load_model
+
+    config = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    model = load_model(str(config.get("model") or "smollm2-135m"))
+    ctx = int(config.get("context_length") or 128)
+    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+    bos = model.bos_token_id
+    windows = [([bos] if bos is not None else []) + ids[i: i + ctx - 1] for i in range(0, len(ids), ctx - 1)]
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for w in windows:
+                model.forward(torch.tensor([w]))
+            times.append((time.perf_counter() - t0) * 1000)
+    print(f"bare forward of the same {len(ids)} tokens ({len(windows)} windows, all layers) in this process: "
+          f"median {percentile(times, 0.5):.1f} ms")
+
+
+def take_screenshots(host: str, port: int, name: str, args: argparse.Namespace) -> None:
+    from neuronhunter.serve.testing import screenshots
+
+    written = screenshots(f"http://{host}:{port}", args.screenshots, run=name, layer=20, neuron=882, token="red",
+                          text="She wore a red coat, a pale blue scarf and green boots.", browse=args.browse)
+    print("screenshots:", ", ".join(f"{p} ({p.stat().st_size // 1024} KB)" for p in written))
 
 
 def load_test(host: str, port: int, name: str, pairs: list, searches: list[str], live: dict,

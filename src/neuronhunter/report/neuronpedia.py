@@ -12,7 +12,8 @@ are those of the tables its importer fills: ``Neuron`` for features, ``Activatio
                                              every token (recomputed with the run's model from the scan's stored
                                              token ids: the scan keeps only each exemplar's peak), its maximum and
                                              where it is, and for quantile-band exemplars the band's range
-        explanations/batch-0.jsonl.gz ...    one line per explanation (when the run has explanations)
+        explanations/batch-0.jsonl.gz ...    one line per explanation (when the run has explanations: the best of
+                                             each neuron and direction, its kind in explanationModelName)
         explanation-scores/batch-0.jsonl.gz  their scores, one line per (explanation, score), in the fields of
                                              Neuronpedia's ExplanationScore table (its importer does not read this
                                              folder: load it with the same JSONL import, table ExplanationScore)
@@ -100,13 +101,15 @@ def _explanations(run: Path, layers: list[int]) -> Any | None:
         frames.append(n[["layer", "neuron", text]].rename(columns={text: "_text"}))
     t = pd.concat(frames, ignore_index=True)
     t = t[t["layer"].isin(layers) & t["_text"].notna() & (t["_text"].astype(str).str.strip() != "")]
+    if "is_best" in t.columns:  # explain's candidates: the best of each neuron and direction
+        t = t[t["is_best"].fillna(False).astype(bool)]
     return t
 
 
 def _score_columns(frame: Any) -> list[str]:
     import pandas as pd
 
-    return [c for c in frame.columns if c not in SCORE_SKIP and not c.startswith("_")
+    return [c for c in frame.columns if c not in SCORE_SKIP and not c.startswith(("_", "n_"))
             and pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])]
 
 
@@ -367,7 +370,7 @@ def _explanation_records(rows: Any, mid: str, source: str, created: str
         record = {
             "id": eid, "modelId": mid, "layer": source, "index": str(n), "description": str(rec["_text"]),
             "authorId": CREATOR_ID, "embedding": None, "triggeredById": None, "typeName": EXPLANATION_TYPE,
-            "explanationModelName": str(rec.get("explainer") or rec.get("method") or "neuronhunter"),
+            "explanationModelName": "neuronhunter" + (f"-{rec['kind']}" if rec.get("kind") else ""),
             "notes": notes or None, "createdAt": created,
         }
         yield record, [{

@@ -17,7 +17,7 @@ GROUP_TITLES = {"verdict": "Verdict and flags", "explanation": "Explanations", "
                 "causal": "Causal verification", "statistics": "Statistics"}
 TABLE_TITLES = {"explanations": "Explanations", "concepts": "Responses per concept category",
                 "logits": "Direct logit attribution", "verification": "Causal verification",
-                "claims": "Claims", "top_neurons": "Top neuron of a category"}
+                "claims": "Causal verification (claims)", "top_neurons": "Top neuron of a category"}
 
 
 def fmt(value: Any) -> str:

@@ -437,11 +437,14 @@ class Run:
         return rows
 
     def table_rows(self, table: str, layer: int, neuron: int, limit: int = MAX_TABLE_ROWS) -> list[dict[str, Any]]:
-        order = [c for c in ("direction", "rank", "category") if c in self.columns(table)]
+        cols = self.columns(table)
+        order = [c for c in ("direction", "rank", "category") if c in cols]
         rows = clean(self.neuron_rows(table).rows(layer, neuron))
         for r in rows:
             del r["layer"], r["neuron"]
         rows.sort(key=lambda r: tuple((r[c] is None, r[c] if r[c] is not None else 0) for c in order))
+        if "is_best" in cols:  # explanations: each direction's best first
+            rows.sort(key=lambda r: (str(r.get("direction")), not r.get("is_best")))
         return rows[:limit]
 
     def neuron(self, layer: int, neuron: int, *, examples: bool = True) -> dict[str, Any]:

@@ -120,3 +120,46 @@ def plant_tables(run: str | Path, neurons: list[tuple[int, int]] | None = None) 
     })
     write_table(claims, run / "claims")
     return {"neurons": picked, "explanations": explanations, "claims": claims}
+
+
+SHOTS = ("index", "search", "neuron", "browse")
+
+
+def screenshots(url: str, out: str | Path, *, run: str, layer: int, neuron: int, token: str, text: str,
+                browse: Path | None = None, width: int = 1200) -> list[Path]:
+    """PNG screenshots of the explorer's main pages at ``url`` (runs, a token search, a neuron page with its live
+    panel run on ``text`` and steered) and, given ``browse`` (a ``browse`` index.html), of the static browser's
+    neuron page; written to ``out`` (docs/img: ``serve-index.png`` ...), each cut to a readable height."""
+    from playwright.sync_api import sync_playwright
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=browser_args())
+        page = browser.new_page(viewport={"width": width, "height": 900}, device_scale_factor=1)
+        page.set_default_timeout(600_000)
+
+        def shot(name: str, height: int) -> None:
+            path = out / f"{name}.png"
+            page.screenshot(path=str(path), clip={"x": 0, "y": 0, "width": width, "height": height},
+                            full_page=True)
+            written.append(path)
+
+        page.goto(f"{url}/?run={run}")
+        shot("serve-index", 900)
+        page.goto(f"{url}/search?run={run}&token={token}&sort=max")
+        shot("serve-search", 760)
+        page.goto(f"{url}/neurons/{layer}/{neuron}?run={run}")
+        page.fill("#live-text", text)
+        page.click("#live-run")
+        page.wait_for_selector("#live-result .live-block")
+        page.click("#steer-run")
+        page.wait_for_selector("#steer-result table.steer")
+        shot("serve-neuron", 1500)
+        if browse is not None:
+            page.goto(browse.resolve().as_uri() + f"#L{layer}.N{neuron}")
+            page.wait_for_selector("#exemplars")
+            shot("browse-neuron", 1100)
+        browser.close()
+    return written
