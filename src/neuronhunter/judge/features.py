@@ -152,14 +152,26 @@ def _peaks(values: np.ndarray, window: np.ndarray, pos: np.ndarray, state: ScanS
     vals = np.where(valid, values.astype(np.float64), np.nan)
     typ = np.full(window.shape, -1, dtype=np.int64)
     bits = np.zeros(window.shape, dtype=np.int64)
-    for r, c in zip(*np.nonzero(valid), strict=True):
-        win = state.windows.get(int(window[r, c]))
-        if win is None:
-            continue
-        p = int(pos[r, c])
-        typ[r, c] = type_of(int(win.ids[p]))
-        if win.labels is not None:
-            bits[r, c] = int(win.labels[p])
+    wids = np.unique(window[valid])
+    wins = [state.windows.get(int(w)) for w in wids]
+    length = max((len(w.ids) for w in wins if w is not None), default=0)
+    ids = np.full((len(wids), length + 1), -1, dtype=np.int64)  # a last column of -1 for missing windows
+    labels = np.zeros((len(wids), length + 1), dtype=np.int64)
+    for row, win in enumerate(wins):
+        if win is not None:
+            ids[row, : len(win.ids)] = win.ids
+            if win.labels is not None:
+                labels[row, : len(win.labels)] = win.labels
+    rows = np.searchsorted(wids, window[valid])
+    cols = np.minimum(pos[valid].astype(np.int64), length)
+    tok = ids[rows, cols]
+    found = tok >= 0
+    uniq, inverse = np.unique(tok[found], return_inverse=True)
+    mapped = np.array([type_of(int(t)) for t in uniq], dtype=np.int64)
+    t_valid = np.full(tok.shape, -1, dtype=np.int64)
+    t_valid[found] = mapped[inverse.reshape(-1)] if len(uniq) else []
+    typ[valid] = t_valid
+    bits[valid] = np.where(found, labels[rows, cols], 0)
     return vals, pos.astype(np.int64), typ, bits
 
 
