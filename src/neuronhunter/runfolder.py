@@ -57,6 +57,7 @@ OWNED: tuple[str, ...] = (
     # analyses added to a run later
     "logits.*", "verification.*", "claims.*", "explanations.*", "heads.*", "induction_curve.*",
     "correlations.*", "clusters.*", "export", "plots", "browser", "interpret", "ablations", "probes", "patching",
+    "circuit.json", "edges.*",
     "shards", "verify", "explain",
     # toy lab and self-report runs
     "summary.json", "metrics", "metrics.json", "checkpoints", "features.csv", "instances.csv",

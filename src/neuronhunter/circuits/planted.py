@@ -113,26 +113,28 @@ def cofiring_model(seed: int = 0, group: int = 4) -> tuple[HookedModel, list[lis
 
 def planted_path_model(seed: int = 0) -> HookedModel:
     """The answer is carried by head (0, 0) -> neuron (1, 0) -> logits; head (0, 1) -> neuron (1, 1) is a decoy that
-    fires on the same change but writes a direction the logit difference does not read (see
-    :func:`planted_task`)."""
+    fires on the same change as strongly but writes a direction the logit difference does not read (see
+    :func:`planted_task`). Every token carries a large shared background direction, so the LayerNorms stay in
+    their near-linear regime (no planted write dominates a residual stream)."""
     model = _gpt2(32, seed)
     d, h = 64, 4
     dh = d // h
-    u = _directions(d, 6, seed)  # 0: cue, 1: head 0 writes, 2: head 1 writes, 3: answer, 4: decoy out, 5: spare
-    cue, wrong_cue = _ids(model, (" cat",)), _ids(model, (" red",))
+    u = _directions(d, 6, seed)  # 0: cue, 1: head 0 writes, 2: head 1 writes, 3: answer, 4: decoy out, 5: background
+    cue, wrong_cue = _ids(model, (" cat",))[0], _ids(model, (" red",))[0]
     answer, wrong = _ids(model, (" yes",))[0], _ids(model, (" no",))[0]
-    _plant_embeddings(model, [(cue, u[0]), (wrong_cue, -u[0])], scale=1.0)
     tr = model.model.transformer
     with torch.no_grad():
-        wte = tr.wte.weight  # tied with the unembedding
-        wte -= (wte @ u[3:5].T) @ u[3:5]  # no token reads or writes the answer/decoy directions but these two
+        wte = tr.wte.weight  # tied with the unembedding: the same rows write and read the planted directions
+        wte -= (wte @ u.T) @ u
+        wte += 3.0 * u[5]
+        wte[cue] += u[0]
+        wte[wrong_cue] -= u[0]
         wte[answer] += 0.5 * u[3]
         wte[wrong] -= 0.5 * u[3]
         for layer, block in enumerate(tr.h):
-            block.attn.c_proj.weight.zero_()
-            block.attn.c_proj.bias.zero_()
-            block.mlp.c_proj.weight.zero_()
-            block.mlp.c_proj.bias.zero_()
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
             block.mlp.c_fc.weight.zero_()
             block.mlp.c_fc.bias.fill_(-4.0)
             if layer == 0:
@@ -148,8 +150,8 @@ def planted_path_model(seed: int = 0) -> HookedModel:
                 block.mlp.c_fc.weight[:, 0] = 3.0 * u[1]
                 block.mlp.c_fc.weight[:, 1] = 3.0 * u[2]
                 block.mlp.c_fc.bias[0] = block.mlp.c_fc.bias[1] = -1.0
-                block.mlp.c_proj.weight[0, :] = 3.0 * u[3]
-                block.mlp.c_proj.weight[1, :] = 0.1 * u[4]  # fires as strongly, writes almost nothing
+                block.mlp.c_proj.weight[0, :] = 0.15 * u[3]
+                block.mlp.c_proj.weight[1, :] = 0.15 * u[4]  # as strong a write, in a direction no logit reads
     return model
 
 
