@@ -62,6 +62,15 @@ class ScanConfig(StrictModel):
                        "train / held-out side of the document split (neuronhunter.data.split)")
     heldout_fraction: float = Field(0.3, gt=0.0, lt=1.0, description="expected share of documents held out")
     split_seed: int = Field(0, description="seed of the document split")
+    engine: str = Field("local", pattern="^(local|ray)$", description="local: one process; ray: shards of the "
+                        "corpus scanned by Ray actors and merged (neuronhunter.distributed); the tables are the same")
+    workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU on CUDA, else one per "
+                                "node)")
+    ray_address: str | None = Field(None, description="Ray cluster to join (default: start a local Ray)")
+    shards: int = Field(16, ge=1, le=65536, description="shards of a Ray scan: contiguous runs of its batches, "
+                        "the unit of resume")
+    shard_store: str | None = Field(None, description="where a Ray scan writes shard states: a folder or an fsspec "
+                                    "URI (default: the run folder's shards/)")
 
     @model_validator(mode="after")
     def _check(self) -> ScanConfig:

@@ -18,6 +18,7 @@ variation (the allocator's slack).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import platform
@@ -81,15 +82,21 @@ def shard_of(source: str, n: int) -> int:
     return int.from_bytes(digest, "little") % n
 
 
+# how a scan is run, not what it computes (a Ray scan's plan records its shard count itself)
+ENGINE_FIELDS = {"engine", "workers", "ray_address", "shards", "shard_store"}
+
+
 def resume_key(cfg: ScanConfig) -> dict[str, Any]:
     """What a resumed scan must share with the interrupted one (batch size included: the checkpoint counts batches)."""
-    return cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every", "compile_stats"})
+    return cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every", "compile_stats",
+                                                *ENGINE_FIELDS})
 
 
 def merge_settings(cfg: ScanConfig, n_neurons: int, bos: int | None) -> str:
     """Digest of what two shards of one scan must share to be merged (not the corpus, batching or device)."""
     key = cfg.model_dump(mode="json", exclude={"out", "formats", "checkpoint_every", "compile_stats", "corpus",
-                                               "max_tokens", "batch_size", "device", "seed", "layers"})
+                                               "max_tokens", "batch_size", "device", "seed", "layers",
+                                               *ENGINE_FIELDS})
     return settings_digest({**key, "n_neurons": n_neurons, "bos_token_id": bos})
 
 
@@ -110,11 +117,17 @@ class Scanner:
     """
 
     def __init__(self, model: HookedModel, cfg: ScanConfig, labeller: TokenLabeller | None = None, *,
-                 shard: tuple[int, int] | None = None) -> None:
+                 shard: tuple[int, int] | None = None, window_range: tuple[int, int, int] | None = None,
+                 stop: tuple[int, int] | None = None) -> None:
         self.model, self.cfg, self.labeller = model, cfg, labeller
         if shard is not None and not (shard[1] >= 1 and 0 <= shard[0] < shard[1]):
             raise ConfigError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
         self.shard = shard
+        # a contiguous part of the scan's windows, (document id, its first window's index, number of windows): the
+        # scan's batches, cut where the whole scan's batches are cut, so each batch equals one of the single-process
+        # scan's (neuronhunter.distributed); with it, ``stop`` (document id, tokens) is where the whole scan's
+        # max_tokens cut falls (read that document's first tokens only, no later document), instead of max_tokens
+        self.window_range, self.stop = window_range, stop
         self.layers = model.check_layers(cfg.layers if cfg.layers is not None else range(model.n_layers))
         if not self.layers:
             raise ConfigError("no layers to scan")
@@ -191,11 +204,37 @@ class Scanner:
     def windows(self, *, all_shards: bool = False, labelled: bool = True) -> Iterator[Window]:
         """The scan's windows, numbered globally (:func:`window_key`: the same id whatever the shard)."""
         step = self.cfg.context_length - (1 if self.bos is not None else 0)
-        for w in iter_windows(self.documents(all_shards=all_shards), self.model.tokenizer,
-                              context_length=self.cfg.context_length, bos_token_id=self.bos,
-                              labeller=self.labeller if labelled else None, max_tokens=self.cfg.max_tokens):
+        cut = functools.partial(iter_windows, tokenizer=self.model.tokenizer, context_length=self.cfg.context_length,
+                                bos_token_id=self.bos, labeller=self.labeller if labelled else None)
+        if self.window_range is None or all_shards:
+            windows = cut(self.documents(all_shards=all_shards), max_tokens=self.cfg.max_tokens)
+        else:
+            windows = self._windows_in_range(cut, self.documents(all_shards=True), step)
+        for w in windows:
             w.window_id = window_key(w.doc_id, w.start // step)
             yield w
+
+    def _windows_in_range(self, cut: Callable[..., Iterator[Window]], docs: Iterator[Any],
+                          step: int) -> Iterator[Window]:
+        """The windows of :attr:`window_range`, none after the :attr:`stop` cut (documents come in id order; those
+        before the range are read but not tokenised)."""
+        assert self.window_range is not None
+        first, skip, count = self.window_range
+        last, tokens = self.stop if self.stop is not None else (None, None)
+        if count <= 0:
+            return
+        for doc in docs:
+            if doc.doc_id < first:
+                continue
+            if last is not None and doc.doc_id > last:
+                return
+            for w in cut([doc], max_tokens=tokens if doc.doc_id == last else None):
+                if doc.doc_id == first and w.start // step < skip:
+                    continue
+                yield w
+                count -= 1
+                if count == 0:
+                    return
 
     def count_tokens(self) -> int | None:
         """Total corpus tokens for progress bars (None for streamed hub datasets)."""
@@ -387,6 +426,11 @@ def run_scan(
         labeller = ConceptLabeller(cfg.concepts, case_sensitive=cfg.case_sensitive,
                                    last_token_only=cfg.label_last_token_only)
     Corpus(cfg.corpus, text_field=cfg.text_field, on_error=cfg.on_bad_document).check()  # type: ignore[arg-type]  # fail early, before loading the model
+    if cfg.engine == "ray":  # the same scan as shards of the corpus on Ray actors, merged (neuronhunter.distributed)
+        from .distributed import run_distributed_scan
+
+        return run_distributed_scan(cfg, model=model, labeller=labeller, progress=progress, overwrite=overwrite,
+                                    resume=resume, write=write, write_manifest=write_manifest, folder=folder)
     if write and folder is None:
         folder = RunFolder(cfg.out, kind="scan")
     if folder is not None:
@@ -400,6 +444,8 @@ def run_scan(
     ckpt = None
     if folder is not None:
         ckpt = folder.begin(overwrite=overwrite, resume=resume) / CHECKPOINT
+        if folder.resumed and not ckpt.exists() and (folder.work / "shards" / "index.json").exists():
+            raise RunDirError("the interrupted scan ran on Ray (--engine ray); resume it with --engine ray")
         if folder.resumed and ckpt.exists():
             state = _resumable_state(ckpt, key, scanner)
             log.info("Resuming from batch %d (%d tokens)", state.batches_done, state.tokens)

@@ -119,3 +119,21 @@ HeldoutFractionOpt = Annotated[float | None, typer.Option(help="Expected share o
 SplitSeedOpt = Annotated[int | None, typer.Option(help="Seed of the document split [default: 0]")]
 OnBadDocumentOpt = Annotated[str | None, typer.Option(help="A document that cannot be read: 'fail' (one line naming "
                                                             "file and line) or 'skip' (counted) [default: fail]")]
+# The engine options (scan, hunt): where the scan runs, not what it computes (neuronhunter.distributed).
+EngineOpt = Annotated[str | None, typer.Option(help="local (one process) or ray (shards of the corpus on Ray "
+                                                     "actors, merged; the same tables) [default: local]")]
+WorkersOpt = Annotated[int | None, typer.Option(help="Ray workers, each loads the model once [default: one per GPU "
+                                                      "on CUDA, else one per node]")]
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray cluster to join, e.g. 'auto' or "
+                                                "'ray://head:10001' [default: start a local Ray]")]
+ShardsOpt = Annotated[int | None, typer.Option(help="Shards of a Ray scan (contiguous runs of its batches): the "
+                                                     "unit of resume [default: 16]")]
+ShardStoreOpt = Annotated[str | None, typer.Option(help="Where a Ray scan writes shard states: a folder or an "
+                                                        "fsspec URI such as s3://bucket/path [default: OUT/shards]")]
+
+
+def engine_options(engine: str | None, workers: int | None, address: str | None, shards: int | None,
+                   shard_store: str | None) -> dict[str, object]:
+    """The engine options as config fields (None: not given)."""
+    return {"engine": engine, "workers": workers, "ray_address": address, "shards": shards,
+            "shard_store": shard_store}

@@ -8,12 +8,14 @@ import typer
 
 from ..config import ScanConfig, load_config
 from .common import (
+    AddressOpt,
     BatchSizeOpt,
     BosOpt,
     CompileOpt,
     ContextLengthOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     FormatsOpt,
     HeldoutFractionOpt,
     LayersOpt,
@@ -22,11 +24,15 @@ from .common import (
     NeuronsPerLayerOpt,
     OnBadDocumentOpt,
     OverwriteOpt,
+    ShardsOpt,
+    ShardStoreOpt,
     SplitOpt,
     SplitSeedOpt,
     ThresholdOpt,
     TopKOpt,
+    WorkersOpt,
     console,
+    engine_options,
     parse_int_list,
 )
 
@@ -113,9 +119,15 @@ def register(app: typer.Typer) -> None:
         split_seed: SplitSeedOpt = None,
         on_bad_document: OnBadDocumentOpt = None,
         seed: int = typer.Option(None, help="Random seed [default: 0]"),
+        engine: EngineOpt = None,
+        workers: WorkersOpt = None,
+        address: AddressOpt = None,
+        shards: ShardsOpt = None,
+        shard_store: ShardStoreOpt = None,
         config: Path = typer.Option(None, "--config", help="YAML/JSON file with any of these options"),
         overwrite: OverwriteOpt = False,
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan from its checkpoint"),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted scan from its checkpoint "
+                                    "(a Ray scan: scan only the shards not yet done)"),
     ) -> None:
         """Scan every MLP neuron of every layer in one streaming pass and write neurons/examples tables."""
         cfg = scan_options_to_config(
@@ -125,6 +137,7 @@ def register(app: typer.Typer) -> None:
             include_first=include_first, device=device, dtype=dtype, compile_stats=compile_stats,
             formats=formats.split(",") if formats else None, seed=seed, split=split,
             heldout_fraction=heldout_fraction, split_seed=split_seed, on_bad_document=on_bad_document,
+            **engine_options(engine, workers, address, shards, shard_store),
         )
         result = run_with_progress(cfg, overwrite=overwrite, resume=resume)
         print_scan_summary(result)
