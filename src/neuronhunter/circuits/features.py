@@ -260,6 +260,91 @@ def neuron_split(dictionary: Dictionary, layer: int, neuron: int, *, top: int = 
     return [(int(i), float(col[i])) for i in order]
 
 
-__all__ = ["KINDS", "DictionaryModel", "FeatureScanResult", "dictionary_file", "explain_features", "feature_spec",
+GOOD_R = 0.5  # the explain engine's default: an explanation with held-out simulation r >= 0.5 explains a unit
+
+
+def compare_runs(neuron_run: str | Path, feature_run: str | Path, *, good_r: float = GOOD_R,
+                 split_top: int = 4, max_splits: int = 5) -> dict[str, Any]:
+    """Neurons against features at the same layers: verdict shares, share explained (held-out simulation
+    ``r >= good_r`` when the runs were explained), the distribution of held-out scores, and polysemantic neurons
+    split into the features that carry them (each with the feature run's verdict and claim).
+
+    Units that never fired (verdict ``dead``) are counted in the verdict shares and left out of the score
+    distributions (a dead unit has nothing to explain)."""
+    import numpy as np
+
+    from ..io import MANIFEST, read_json, read_table, require_run
+
+    neuron_run, feature_run = require_run(neuron_run, "neurons.parquet"), require_run(feature_run, "neurons.parquet")
+    spec = read_json(feature_run / "config.json").get("model", "") if (feature_run / "config.json").exists() else ""
+    parsed = parse_feature_spec(spec)
+    if parsed is None:
+        raise ConfigError(f"{feature_run} is not a feature run (its model is {spec!r})")
+    dic = Dictionary.load(parsed[2])
+    neurons, features = read_table(neuron_run / "neurons.parquet"), read_table(feature_run / "neurons.parquet")
+    layers = sorted(set(features["layer"]) & set(neurons["layer"]))
+    if not layers:
+        raise ConfigError(f"{neuron_run} and {feature_run} share no layer")
+    neurons, features = neurons[neurons["layer"].isin(layers)], features[features["layer"].isin(layers)]
+
+    def side(frame: Any, run: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {"units": int(len(frame)), "run": str(run),
+                               "tokens": read_json(run / MANIFEST).get("tokens")}
+        if "verdict" in frame.columns:
+            counts = frame["verdict"].value_counts()
+            out["verdicts"] = {str(k): int(v) for k, v in counts.items()}
+            out["share"] = {str(k): float(v / len(frame)) for k, v in counts.items()}
+            alive = frame[frame["verdict"] != "dead"]
+            out["alive"] = int(len(alive))
+            out["share_of_alive"] = {str(k): float(v / max(len(alive), 1))
+                                     for k, v in alive["verdict"].value_counts().items()}
+        else:
+            alive = frame
+        if "explanation_r" in frame.columns:
+            r = alive["explanation_r"].astype(float).dropna().to_numpy()
+            out["scored"] = int(len(r))
+            out["explained_share"] = float((r >= good_r).mean()) if len(r) else None
+            out["explanation_r_quantiles"] = ({str(q): float(np.quantile(r, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+                                              if len(r) else None)
+            hist, edges = np.histogram(r, bins=10, range=(-0.2, 1.0))
+            out["explanation_r_histogram"] = {"edges": edges.tolist(), "counts": hist.tolist()}
+            if "explanation_kind" in alive.columns:
+                kinds = alive[alive["explanation_r"] >= good_r]["explanation_kind"].value_counts()
+                out["explained_by_kind"] = {str(k): int(v) for k, v in kinds.items()}
+        return out
+
+    splits = []
+    if dic.kind == "sae" and "verdict" in neurons.columns:
+        poly = neurons[neurons["verdict"] == "polysemantic"]
+        order = "max" if "max" in poly.columns else "neuron"
+        fidx = features.set_index(["layer", "neuron"])
+        for row in poly.sort_values(order, ascending=False).head(max_splits).itertuples():
+            parts = []
+            for f, w in neuron_split(dic, int(row.layer), int(row.neuron), top=split_top):
+                info = fidx.loc[(int(row.layer), f)] if (int(row.layer), f) in fidx.index else None
+                parts.append({"feature": f, "decoder_weight": w,
+                              "verdict": None if info is None else info.get("verdict"),
+                              "claim_category": None if info is None else info.get("claim_category"),
+                              "explanation": None if info is None else info.get("explanation"),
+                              "explanation_r": None if info is None else _float(info.get("explanation_r"))})
+            splits.append({"layer": int(row.layer), "neuron": int(row.neuron),
+                           "claim_categories": getattr(row, "claim_categories", None),
+                           "explanation": getattr(row, "explanation", None),
+                           "explanation_r": _float(getattr(row, "explanation_r", None)), "features": parts})
+    return {"layers": layers, "good_r": good_r, "dictionary": {"kind": dic.kind, "n_features": dic.n_features,
+                                                               "k": dic.k, "file": str(parsed[2])},
+            "neurons": side(neurons, neuron_run), "features": side(features, feature_run), "splits": splits}
+
+
+def _float(value: Any) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if v != v else v
+
+
+__all__ = ["KINDS", "DictionaryModel", "FeatureScanResult", "compare_runs", "dictionary_file", "explain_features",
+           "feature_spec",
            "load_feature_model", "model_for_run", "neuron_split", "parse_feature_spec", "run_feature_scan",
            "unit_name"]

@@ -25,7 +25,8 @@ app = typer.Typer(
 )
 
 # Command modules, each owning one group of commands (see their register functions).
-COMMAND_MODULES = ("scan", "hunt", "explain", "verify", "circuits", "selfreport", "toy", "browse", "export", "serve")
+COMMAND_MODULES = ("scan", "hunt", "explain", "verify", "circuits", "selfreport", "toy", "browse", "export", "serve",
+                   "features", "correlate", "circuit")
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"{__package__}.{_name}").register(app)
