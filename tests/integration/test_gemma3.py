@@ -295,3 +295,21 @@ def test_induction_heads_on_real_gemma(gemma):
     assert ind.scores.shape == (N_LAYERS, N_HEADS)
     assert float(ind.scores.max()) > 0.5  # a real induction head exists
     assert ind.second_half_loss < ind.first_half_loss - 5.0  # copying makes the repeat predictable
+
+
+def test_missing_package_is_one_line_naming_the_extra(tmp_path, monkeypatch):
+    """Without the chunk packages (and no converted copy in the cache) the load is refused in one line that names
+    the extra, and the scratch folder of the attempted conversion is removed."""
+    import importlib.util
+
+    from neuronhunter.errors import ModelLoadError
+    from neuronhunter.models import loading
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loading.importlib.util, "find_spec",
+                        lambda name, *a: None if name == loading.GEMMA_PACKAGE else real(name, *a))
+    monkeypatch.setenv("NEURONHUNTER_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError) as err:
+        loading.load_hf("gemma3-270m")
+    assert "neuronhunter[gemma]" in str(err.value) and "\n" not in str(err.value)
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [f"{loading.GEMMA3_270M.key}.lock"]
