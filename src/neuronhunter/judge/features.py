@@ -213,7 +213,10 @@ def layer_features(state: ScanState, layer: int, categories: list[str], decode: 
     first_mean = pos.means()[0].numpy() if seen0 else np.full(ls.d, np.nan)
     top = _peaks(ls.topk.values.numpy(), ls.topk.window.numpy(), ls.topk.pos.numpy(), state, type_of)
     bottom = _peaks(ls.bottomk.values.numpy(), ls.bottomk.window.numpy(), ls.bottomk.pos.numpy(), state, type_of)
-    assert cs.hist is not None, "concept statistics without histograms (a scan from an older version)"
+    if cs.hist is None:
+        from ..errors import RunDirError
+
+        raise RunDirError("the scan has no per-category histograms (an older version scanned it); hunt it again")
     return LayerFeatures(
         layer=layer, d=ls.d, categories=list(categories), n_tokens=int(ls.moments.count),
         hist=ls.hist.counts.numpy().astype(np.int64), lo=ls.hist.lo.numpy().astype(np.float64),
