@@ -99,7 +99,7 @@ def test_relabelled_signs_change_only_direction(embedded):
     hunt both, compare: everything but ``direction`` is equal, and it swaps for the flipped neurons."""
     import torch
 
-    layers = [3, 17]
+    layers = [3, 9]
     rng = np.random.default_rng(0)
     flipped = {layer: sorted(rng.choice(embedded.d_mlp, size=20, replace=False).tolist()) for layer in layers}
 
@@ -110,7 +110,7 @@ def test_relabelled_signs_change_only_direction(embedded):
             mlp.up_proj.weight[idx] *= -1
             mlp.down_proj.weight[:, idx] *= -1
 
-    cfg = HuntConfig(layers=layers, max_tokens=600, top_k=6)
+    cfg = HuntConfig(layers=layers, max_tokens=400, top_k=6)
     before = run_hunt(cfg, model=embedded, write=False).neurons
     flip()
     try:

@@ -339,13 +339,13 @@ def test_rescore_from_stored_statistics(planted, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- sign invariance
-SEEDS = [1, 2]
+SEEDS = [1]
 
 
 @pytest.fixture(scope="module")
 def flip_corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("flip") / "text.txt"
-    path.write_text(make_text(160, seed=3), encoding="utf-8")
+    path.write_text(make_text(120, seed=3), encoding="utf-8")
     return str(path)
 
 
@@ -385,7 +385,7 @@ def test_flipping_neurons_changes_only_direction(baseline, flip_corpus, seed):
     model, before = baseline
     rng = np.random.default_rng(seed)
     d = model.d_mlp
-    flipped = {layer: sorted(rng.choice(d, size=12, replace=False).tolist()) for layer in range(model.n_layers)}
+    flipped = {layer: sorted(rng.choice(d, size=24, replace=False).tolist()) for layer in range(model.n_layers)}
     flip(model, flipped)
     try:
         after = hunt_in_memory(model, flip_corpus)
@@ -404,7 +404,7 @@ def test_flipping_neurons_changes_only_direction(baseline, flip_corpus, seed):
     swap = {"+": "-", "-": "+"}
     expected = np.where(is_flipped & directional, [swap[x] for x in a["direction"]], a["direction"])
     assert b["direction"].tolist() == expected.tolist()
-    assert (is_flipped & directional).sum() >= 20  # the property was exercised
+    assert (is_flipped & directional).sum() >= 40  # the property was exercised
     # a flipped neuron's min is the other's -max (the scan itself sees the mirror image)
     np.testing.assert_array_equal(b["min"].to_numpy()[is_flipped], -a["max"].to_numpy()[is_flipped])
     # per-direction rows swap
