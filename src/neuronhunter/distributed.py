@@ -69,7 +69,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CountOnce", "Plan", "ShardStore", "ShardWorker", "run_distributed_scan", "shard_ranges", "tree_merge"]
+__all__ = ["CountOnce", "Plan", "ShardStore", "ShardWorker", "compare_runs", "run_distributed_scan", "shard_ranges",
+           "tree_merge"]
 
 SHARDS = "shards"  # the run folder's sub-folder (always holds the index and the calibration)
 INDEX = "index.json"
@@ -451,6 +452,56 @@ def tree_merge(states: Iterator[ScanState]) -> ScanState | None:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ comparing
+EXACT_SUFFIXES = ("count", "max", "min", "activation", "hist_lo", "hist_hi")
+
+
+def compare_runs(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rtol: float = 1e-6) -> list[str]:
+    """What differs between the tables of two scan runs (empty: the same scan), e.g. a Ray run and a local one.
+
+    Counts, minima, maxima, histograms and every exemplar row must be equal; moments (mean, std, skew,
+    kurtosis, fractions, position means) equal within ``rtol`` relative (plus 1e-9 absolute, for values near 0);
+    so must the manifests' corpus fingerprint, tokens, windows and documents.
+    """
+    import pandas as pd
+
+    from .io import read_json, read_table
+
+    a, b = Path(a), Path(b)
+    out: list[str] = []
+    ma, mb = read_json(a / "manifest.json"), read_json(b / "manifest.json")
+    for key in ("tokens", "windows", "layers", "neurons_per_layer"):
+        if ma.get(key) != mb.get(key):
+            out.append(f"manifest {key}: {ma.get(key)} vs {mb.get(key)}")
+    for key in ("fingerprint", "documents", "tokens", "skipped_documents"):
+        if ma["corpus"].get(key) != mb["corpus"].get(key):
+            out.append(f"manifest corpus.{key}: {ma['corpus'].get(key)} vs {mb['corpus'].get(key)}")
+    for table in ("neurons", "examples", "concepts"):
+        pa, pb = a / f"{table}.parquet", b / f"{table}.parquet"
+        if not pa.exists() and not pb.exists():
+            continue
+        if pa.exists() != pb.exists():
+            out.append(f"{table}: only in {'the first' if pa.exists() else 'the second'} run")
+            continue
+        x, y = read_table(pa), read_table(pb)
+        if list(x.columns) != list(y.columns) or len(x) != len(y):
+            out.append(f"{table}: columns or rows differ ({x.shape} vs {y.shape})")
+            continue
+        for col in x.columns:
+            u, v = x[col], y[col]
+            if col == "hist":
+                same = all(np.array_equal(p, q) for p, q in zip(u, v, strict=True))
+            elif pd.api.types.is_float_dtype(u) and not col.endswith(EXACT_SUFFIXES) and table != "examples":
+                same = bool(np.isclose(u.to_numpy(), v.to_numpy(), rtol=rtol, atol=1e-9, equal_nan=True).all())
+            elif pd.api.types.is_float_dtype(u):
+                same = bool(((u == v) | (u.isna() & v.isna())).all())
+            else:
+                same = bool((u.astype(str) == v.astype(str)).all())
+            if not same:
+                out.append(f"{table}.{col} differs")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- driver
 def _unwrap(exc: BaseException) -> BaseException:
     """The user error inside a Ray task error (so the CLI prints one line), else the error itself."""
@@ -742,6 +793,8 @@ def _schedule(session: _Ray, new_worker: Callable[[], Any], todo: list[int], pla
                 idle.append(slot)
                 continue
             out[shard] = rec
+            log.info("shard %d done: %s tokens in %.0f s on %s:%s (%d of %d this session)", shard,
+                     f"{int(rec['tokens']):,}", float(rec["total_s"]), rec["host"], rec["pid"], len(out), len(todo))
             bar.done += int(rec["tokens"])
             bar.running.pop(slot, None)
             index.setdefault("shards", {})[str(shard)] = {**_summary(rec), "session": index.get("resumes", 0)}
