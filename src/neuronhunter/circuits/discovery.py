@@ -388,16 +388,25 @@ def edge_label(graph: Graph, kind: str, layer: int, index: int) -> str:
     return graph.unit_label(layer, index)
 
 
-def eap_scores(graph: Graph, clean: RunCache, corrupted: RunCache, grads: dict[Comp, Tensor]) -> EdgeScores:
-    """EAP score of every edge (see the module docstring)."""
+def first_difference(pr: Prompts) -> int:
+    """The first position where some pair's clean and corrupted tokens differ: before it every activation of the
+    two runs is equal (causal attention), so every write difference is zero there."""
+    diff = (pr.clean != pr.corrupted).any(0)
+    return int(torch.nonzero(diff)[0]) if bool(diff.any()) else pr.clean.shape[1]
+
+
+def eap_scores(graph: Graph, clean: RunCache, corrupted: RunCache, grads: dict[Comp, Tensor], *,
+               start: int = 0) -> EdgeScores:
+    """EAP score of every edge (see the module docstring); positions before ``start`` are skipped (their write
+    differences are zero: :func:`first_difference`)."""
     inp: dict[Comp, float] = {}
     heads: dict[tuple[Comp, int], Tensor] = {}
     units: dict[tuple[Comp, int], Tensor] = {}
-    d_emb = clean.x[("attn", 0)] - corrupted.x[("attn", 0)]
-    dz = {layer: clean.z[layer] - corrupted.z[layer] for layer in clean.z}
-    du = {layer: clean.u[layer] - corrupted.u[layer] for layer in clean.u}
+    d_emb = (clean.x[("attn", 0)] - corrupted.x[("attn", 0)])[:, start:]
+    dz = {layer: (clean.z[layer] - corrupted.z[layer])[:, start:] for layer in clean.z}
+    du = {layer: (clean.u[layer] - corrupted.u[layer])[:, start:] for layer in clean.u}
     for comp in graph.components():
-        g = grads[comp].to(d_emb.dtype)  # [B, P, d]
+        g = grads[comp][:, start:].to(d_emb.dtype)  # [B, P', d]
         for kind, layer in graph.writers_before(comp):
             if kind == "input":
                 inp[comp] = float((d_emb * g).sum())
@@ -426,6 +435,23 @@ def circuit_metric(graph: Graph, pr: Prompts, corrupted: RunCache, edges: Any) -
         group = ("input", -1) if kind == "input" else ("attn" if kind == "head" else "mlp", int(layer))
         plan.setdefault(comps[down], {}).setdefault(group, []).extend(_expand(graph, kind, int(layer), int(index)))
     live = RunCache()
+    full: dict[tuple[str, int], Tensor] = {}  # a writer group's whole write difference, computed once
+
+    def difference(group: tuple[str, int], cols: list[int]) -> Tensor:
+        """``Σ_{u in cols} (w_u^live - w_u^corrupted)`` of one writer group; a group that is mostly in the circuit
+        is its whole difference (cached) minus the few columns left out."""
+        n = graph.n_heads if group[0] == "attn" else graph.n_cols(group[1])
+        chosen = sorted(set(cols))
+        if len(chosen) <= n // 2:
+            idx = torch.tensor(chosen)
+            return _writes(graph, live, group, idx) - _writes(graph, corrupted, group, idx)
+        if group not in full:
+            full[group] = _writes(graph, live, group) - _writes(graph, corrupted, group)
+        rest = sorted(set(range(n)) - set(chosen))
+        if not rest:
+            return full[group]
+        idx = torch.tensor(rest)
+        return full[group] - (_writes(graph, live, group, idx) - _writes(graph, corrupted, group, idx))
 
     def make(comp: Comp) -> Callable[[Tensor], Tensor]:
         def fn(x: Tensor) -> Tensor:
@@ -433,9 +459,8 @@ def circuit_metric(graph: Graph, pr: Prompts, corrupted: RunCache, edges: Any) -
             for group, cols in plan.get(comp, {}).items():
                 if group[0] == "input":
                     out = out + (x_clean_input[0] - corrupted.x[("attn", 0)])
-                    continue
-                idx = torch.tensor(sorted(set(cols)))
-                out = out + _writes(graph, live, group, idx) - _writes(graph, corrupted, group, idx)
+                else:
+                    out = out + difference(group, cols)
             return out
 
         return fn
@@ -539,9 +564,14 @@ def discover(model: HookedModel, task: Task, *, method: str = "eap", steps: int 
         raise ConfigError(f"unknown method {method!r}; use eap or eap-ig")
     if method == "eap-ig" and steps < 2:
         raise ConfigError("eap-ig needs --steps of at least 2")
-    say = progress or (lambda _s: None)
+    def say(stage: str) -> None:
+        log.info("circuit %s: %s (%.0f s)", task.name, stage, time.perf_counter() - t0)
+        if progress is not None:
+            progress(stage)
+
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    say("graph")
     graph = Graph(model)
     pr = prepare(model, task, prepend_bos=prepend_bos)
     clean = run_pass(graph, pr.clean, pr)
@@ -553,8 +583,10 @@ def discover(model: HookedModel, task: Task, *, method: str = "eap", steps: int 
     say("gradients")
     grads = gradients(graph, pr, clean, corrupted, steps=1 if method == "eap" else steps)
     timings["attribution_s"] = time.perf_counter() - t0
-    scores = eap_scores(graph, clean, corrupted, grads)
+    say("edge scores")
+    scores = eap_scores(graph, clean, corrupted, grads, start=first_difference(pr))
     edges = scores.table()
+    timings["scores_s"] = time.perf_counter() - t0 - timings["attribution_s"]
     t1 = time.perf_counter()
     say("faithfulness")
     curve = []
