@@ -53,7 +53,7 @@ PARTIAL_SUFFIX = ".partial"
 OWNED: tuple[str, ...] = (
     MANIFEST, MARKER, CHECKPOINT, UPDATING, ".*.tmp", "config.json", "stats.pt",
     # scan / hunt tables (Parquet + optional exports)
-    "neurons.*", "examples.*", "concepts.*", "top_neurons.*", "hunt.json", "lexicon.json",
+    "neurons.*", "examples.*", "concepts.*", "top_neurons.*", "directions.*", "hunt.json", "lexicon.json",
     # analyses added to a run later
     "logits.*", "verification.*", "claims.*", "explanations.*", "heads.*", "induction_curve.*",
     "correlations.*", "clusters.*", "export", "plots", "browser", "interpret", "ablations", "probes", "patching",

@@ -50,6 +50,9 @@ def test_hunt_writes_the_schema(run):
     assert sum(manifest["hunt"]["verdicts"].values()) == 256
     assert (run / "neurons.csv").exists() and not (run / "neurons.json").exists()
     assert (run / "top_neurons.parquet").exists() and (run / "hunt.json").exists()
+    from neuronhunter.runfolder import foreign_entries
+
+    assert foreign_entries(run) == []  # every file the hunt wrote is the tool's: --overwrite may replace the run
 
 
 def test_hunt_prints_summary(tiny_folder, tmp_path, capsys):
