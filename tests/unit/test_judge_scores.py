@@ -183,3 +183,17 @@ def test_threshold_config_is_validated():
     with pytest.raises(ConfigError):
         validate(VerdictThresholds, {"related": [["date", "date"]]})
     assert VerdictThresholds().alpha == 0.01
+
+
+def test_broad_class_includes_its_members(gpt2_tok):
+    from neuronhunter.data.concepts import ConceptLabeller, load_lexicon
+
+    lex = {"categories": {"animal": {"words": ["dog"]}, "food": {"words": ["bread"]},
+                          "noun": {"control": True, "words": ["house"], "includes": ["animal", "food"]}}}
+    lab = ConceptLabeller(lex)
+    ids, labels = lab.label_text(gpt2_tok, "A dog ate bread in the house today.")
+    noun = labels[:, 2]
+    words = [gpt2_tok.decode([i]) for i in ids]
+    assert [w for w, n in zip(words, noun, strict=True) if n] == [" dog", " bread", " house"]
+    with pytest.raises(ConfigError, match="includes 'cat'"):
+        load_lexicon({"categories": {"noun": {"words": ["x"], "includes": ["cat"]}}})
