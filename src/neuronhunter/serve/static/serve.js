@@ -16,6 +16,8 @@
     return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(2) : v.toPrecision(4).replace(/\.?0+$/, "");
   }
 
+  function pct(p) { return (100 * p >= 0.01 ? (100 * p).toFixed(2) : (100 * p).toPrecision(2)) + "%"; }
+
   function visible(t) { return String(t).replace(/\n/g, "⏎").replace(/\t/g, "→"); }
 
   async function post(url, body) {
@@ -79,9 +81,9 @@
     rows.forEach(function (r) {
       const tr = el("tr");
       tr.appendChild(el("td", "token", visible(r.token)));
-      tr.appendChild(el("td", "", (100 * r.base).toFixed(2) + "%"));
+      tr.appendChild(el("td", "", pct(r.base)));
       const d = r.steered - r.base;
-      tr.appendChild(el("td", d >= 0 ? "up-diff" : "down-diff", (100 * r.steered).toFixed(2) + "%"));
+      tr.appendChild(el("td", d >= 0 ? "up-diff" : "down-diff", pct(r.steered)));
       table.appendChild(tr);
     });
     box.appendChild(table);
