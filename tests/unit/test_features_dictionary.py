@@ -170,13 +170,14 @@ def test_feature_scan_ranks_the_animal_feature_on_animals(planted, trained, tmp_
 
 def test_training_resumes_exactly(planted, trained, tmp_path):
     _, _, corpus = trained
-    small = dict(train_tokens=3000, eval_tokens=500, shuffle_tokens=512, token_batch=128, checkpoint_every=1)
+    small = dict(train_tokens=1500, epochs=2, eval_tokens=500, shuffle_tokens=512, token_batch=128,
+                 checkpoint_every=1)
     whole = train_dictionaries(_cfg(tmp_path, corpus, out=str(tmp_path / "whole"), **small), model=planted)
     calls = {"n": 0}
 
     def interrupt(done, total):
         calls["n"] += 1
-        if done > 1500:
+        if done > 2000:  # in the second pass
             raise KeyboardInterrupt
 
     cfg = _cfg(tmp_path, corpus, out=str(tmp_path / "cut"), **small)

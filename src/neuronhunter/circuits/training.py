@@ -73,7 +73,9 @@ class DictionaryConfig(StrictModel):
     auxk_alpha: float = Field(1 / 32, ge=0, description="weight of the AuxK loss on dead features")
     dead_tokens: int = Field(100_000, ge=1, description="a feature silent for this many training tokens is "
                              "dead (for the AuxK loss)")
-    train_tokens: int = Field(200_000, ge=1, description="training tokens (counted tokens of the train side)")
+    train_tokens: int = Field(200_000, ge=1, description="training tokens per pass (counted tokens of the train "
+                              "side)")
+    epochs: int = Field(1, ge=1, le=100, description="passes over the training tokens (small corpora)")
     eval_tokens: int = Field(8192, ge=1, description="held-out tokens for FVU, dead features and losses")
     token_batch: int = Field(1024, ge=8, description="tokens per optimiser step")
     shuffle_tokens: int = Field(16384, ge=8, description="tokens shuffled together before being cut into steps")
@@ -224,7 +226,8 @@ def counted_rows(store: dict[int, tuple[Tensor, Tensor | None]], keep: Tensor
 class TrainState:
     """What a checkpoint holds besides the coders and the optimiser."""
 
-    batches_done: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # within the current pass
     steps: int = 0
     tokens: int = 0
     buffers: int = 0
@@ -347,7 +350,8 @@ class DictionaryTrainer:
                 else:
                     plain.setdefault(str(idx), {})[name] = value
         meta = {"config": json.dumps(key, sort_keys=True), "model_fp": model_fp,
-                "counters": json.dumps({"batches_done": st.batches_done, "steps": st.steps, "tokens": st.tokens,
+                "counters": json.dumps({"epoch": st.epoch, "batches_done": st.batches_done, "steps": st.steps,
+                                        "tokens": st.tokens,
                                         "buffers": st.buffers, "corpus_fp": f"{st.corpus_fp:064x}",
                                         "fvu": {str(k): v for k, v in st.fvu.items()}}),
                 "param_groups": json.dumps(opt["param_groups"]), "opt_plain": json.dumps(plain)}
@@ -371,7 +375,8 @@ class DictionaryTrainer:
                               "start again with --overwrite")
         counters = json.loads(meta["counters"])
         st = self.state
-        st.batches_done, st.steps, st.tokens = counters["batches_done"], counters["steps"], counters["tokens"]
+        st.epoch, st.batches_done = counters["epoch"], counters["batches_done"]
+        st.steps, st.tokens = counters["steps"], counters["tokens"]
         st.buffers, st.corpus_fp = counters["buffers"], int(counters["corpus_fp"], 16)
         st.fvu = {int(k): v for k, v in counters["fvu"].items()}
         gen.set_state(tensors["generator"])
@@ -412,10 +417,9 @@ def train_loop(trainer: DictionaryTrainer, model: HookedModel, cfg: DictionaryCo
     for layer, rows in st.rest.items():
         if rows[0].numel():
             pending[layer].append(rows)
-    held = sum(rows[0].shape[0] for rows in pending[layers[0]])
+    counter = {"held": sum(rows[0].shape[0] for rows in pending[layers[0]])}  # tokens waiting in the buffer
 
     def flush() -> None:
-        nonlocal held
         xs = {layer: torch.cat([p[0] for p in pending[layer]]) for layer in layers}
         ys = {layer: _cat([p[1] for p in pending[layer]]) for layer in layers}
         order = torch.randperm(xs[layers[0]].shape[0], generator=gen)
@@ -432,12 +436,32 @@ def train_loop(trainer: DictionaryTrainer, model: HookedModel, cfg: DictionaryCo
                    for layer in layers}
         for layer in layers:
             pending[layer] = [st.rest[layer]]
-        held = int(rest.numel())
+        counter["held"] = int(rest.numel())
         st.fvu = {layer: sum(v) / len(v) for layer, v in fvus.items() if v}
         st.buffers += 1
 
-    fp = [0]
     scfg = cfg.scan_config("train", cfg.train_tokens)
+    total = cfg.train_tokens * cfg.epochs
+    while st.epoch < cfg.epochs:
+        _one_pass(trainer, model, cfg, scfg, pending, counter, flush, checkpoint, key, model_fp, gen, progress,
+                  total)
+        st.epoch += 1
+        st.batches_done, st.corpus_fp = 0, 0
+    if counter["held"] >= cfg.token_batch:
+        flush()
+    if st.steps == 0:
+        raise ConfigError(f"the train side gave {st.tokens} tokens, fewer than one step of --token-batch "
+                          f"{cfg.token_batch}; give a longer corpus or a smaller --token-batch")
+
+
+def _one_pass(trainer: DictionaryTrainer, model: HookedModel, cfg: DictionaryConfig, scfg: ScanConfig,
+              pending: dict[int, list[tuple[Tensor, Tensor | None]]], counter: dict[str, int],
+              flush: Callable[[], None], checkpoint: Path | None, key: dict[str, Any], model_fp: str,
+              gen: torch.Generator, progress: ProgressFn | None, total: int) -> None:
+    """One pass over the train side (continuing after ``batches_done`` of a resumed pass)."""
+    st = trainer.state
+    layers = list(trainer.coders)
+    fp = [0]
     for index, batch, _layers in scan_batches(model, scfg, skip=st.batches_done, expect_fp=st.corpus_fp,
                                               fingerprint=fp):
         store: dict[int, tuple[Tensor, Tensor | None]] = {}
@@ -450,21 +474,16 @@ def train_loop(trainer: DictionaryTrainer, model: HookedModel, cfg: DictionaryCo
             target = (x if y is None else y).double().sum(0)
             st.sums[layer] = target if layer not in st.sums else st.sums[layer] + target
         n = rows[layers[0]][0].shape[0]
-        held += n
+        counter["held"] += n
         st.tokens += n
         st.batches_done = index + 1
-        if held >= cfg.shuffle_tokens:
+        if counter["held"] >= cfg.shuffle_tokens:
             flush()
             st.corpus_fp = fp[0]
             if checkpoint is not None and cfg.checkpoint_every and st.buffers % cfg.checkpoint_every == 0:
                 trainer.save(checkpoint, key, model_fp, gen)
         if progress is not None:
-            progress(min(st.tokens, cfg.train_tokens), cfg.train_tokens)
-    if held >= cfg.token_batch:
-        flush()
-    if st.steps == 0:
-        raise ConfigError(f"the train side gave {st.tokens} tokens, fewer than one step of --token-batch "
-                          f"{cfg.token_batch}; give a longer corpus or a smaller --token-batch")
+            progress(min(st.tokens, total), total)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
