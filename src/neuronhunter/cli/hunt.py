@@ -109,6 +109,18 @@ def print_hunt_summary(result: Any) -> None:
                 "Top neuron per category and kind (ranked by F1 over its high activations; +/-: direction)")
 
 
+def _verdict_direction(run: Path, layer: int, neuron: int) -> str:
+    """The direction of a neuron's verdict in a hunt run ('+' for a scan run)."""
+    import pyarrow.parquet as pq
+
+    path = run / "neurons.parquet"
+    if not path.exists() or "direction" not in pq.read_schema(path).names:
+        return "+"
+    table = pq.read_table(path, columns=["layer", "neuron", "direction"],
+                          filters=[("layer", "=", layer), ("neuron", "=", neuron)])
+    return str(table["direction"][0]) if table.num_rows else "+"
+
+
 def _load_run_model_and_labeller(run: Path) -> tuple[Any, Any, dict[str, Any]]:
     from ..data.concepts import ConceptLabeller, load_lexicon
     from ..io import read_json
@@ -280,8 +292,9 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
             text = text_file.read_text(encoding="utf-8")
         if text is None:
             ex = read_table(run_path / "examples.parquet") if (run_path / "examples.parquet").exists() else None
-            if ex is not None and "kind" in ex.columns:
-                ex = ex[ex.kind == "top"]
+            if ex is not None and "kind" in ex.columns:  # the strongest example in the verdict's direction
+                kind = "bottom" if _verdict_direction(run_path, layer, neuron) == "-" else "top"
+                ex = ex[ex.kind == kind]
             row = None if ex is None else ex[(ex.layer == layer) & (ex.neuron == neuron)].sort_values("rank")
             if row is None or row.empty:
                 raise ConfigError(f"no stored example for neuron {layer}.{neuron}; pass --text")
