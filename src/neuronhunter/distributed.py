@@ -61,7 +61,7 @@ from .errors import ConfigError, CorpusError, NeuronHunterError, RunDirError
 from .io import atomic_path, read_json, write_json
 from .runfolder import CHECKPOINT, RunFolder
 from .stats.layer import Calibration
-from .stats.state import ScanState, save_state
+from .stats.state import ScanState, dump_state, read_state, save_state
 
 if TYPE_CHECKING:
     from .models.hooked import HookedModel
@@ -117,7 +117,7 @@ class ShardStore:
         import json
 
         buf = io.BytesIO()
-        torch.save({"state": state.state_dict(), **extra}, buf)
+        dump_state(state, buf, extra)
         self._put(f"{name}.pt", buf.getvalue())
         self._put(f"{name}.json", json.dumps(extra, indent=1).encode())
 
@@ -162,8 +162,7 @@ class ShardStore:
 
         fs, root = self._fs()
         with fs.open(f"{root}/{name}", "rb") as fh:
-            blob = torch.load(io.BytesIO(fh.read()), weights_only=True)
-        return ScanState.from_state_dict(blob.pop("state")), blob
+            return read_state(io.BytesIO(fh.read()))
 
     def remove(self, shards: list[int] | None = None) -> None:
         """Delete shard files of this store (all of them by default); nothing else is touched."""
@@ -301,17 +300,24 @@ class ShardWorker:
             torch.set_num_threads(threads)
         from .scan import Scanner
 
-        self.cfg = ScanConfig.model_validate(config)
-        if model is None:
-            from .models.loading import load_model
-
-            model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
-        self.model, self.labeller = model, labeller
-        self.scanner = Scanner(model, self.cfg, labeller)  # checks layers and context length
         self.current: tuple[int, int] = (-1, 0)  # (shard, tokens done) while a shard is scanned
+        self.error: NeuronHunterError | None = None
+        self.cfg = ScanConfig.model_validate(config)
+        try:
+            if model is None:
+                from .models.loading import load_model
+
+                model = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
+            self.model, self.labeller = model, labeller
+            self.scanner = Scanner(model, self.cfg, labeller)  # checks layers and context length
+        except NeuronHunterError as exc:  # reported by describe() as a task error (one line for the user)
+            self.error = exc
 
     def describe(self) -> dict[str, Any]:
-        """Who this worker is and what it scans (fingerprint, settings)."""
+        """Who this worker is and what it scans (fingerprint, settings); raises the error that stopped the worker
+        from loading the model or checking the configuration."""
+        if self.error is not None:
+            raise self.error
         sc = self.scanner
         from .scan import environment
 
@@ -371,7 +377,7 @@ class ShardWorker:
         labeller = self.labeller
         counts = getattr(labeller, "cooccurrence", None)  # a labeller's own mergeable counts (the hunt's)
         if labeller is not None and isinstance(counts, np.ndarray):
-            counts[...] = 0
+            counts = labeller.cooccurrence = np.zeros_like(counts)  # (what Ray handed over is read-only)
             step = self.cfg.context_length - (1 if self.scanner.bos is not None else 0)
             labeller = CountOnce(labeller, skip=span["skip"] * step, first=span["doc_tokens"])
         sc = Scanner(self.model, self.cfg, labeller, window_range=(span["doc"], span["skip"], span["windows"]),

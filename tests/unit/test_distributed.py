@@ -1,0 +1,140 @@
+"""The scan on Ray (a local Ray on 2 CPUs, a tiny model): the same tables as one process whatever the number of
+workers, interrupted runs resume only their unfinished shards, killed workers are restarted."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from neuronhunter.config import ScanConfig
+from neuronhunter.data.concepts import ConceptLabeller, load_lexicon
+from neuronhunter.distributed import compare_runs
+from neuronhunter.errors import RunDirError
+from neuronhunter.hunt import CooccurrenceLabeller
+from neuronhunter.scan import run_scan
+
+ray = pytest.importorskip("ray", reason="the distributed extra is installed by make test")
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    rng = random.Random(2)
+    words = ("the river ran past the mill and the baker sold bread to a miller in spring while she sang of "
+             "rain snow and sun def return class import self").split()
+    lines = []
+    for i in range(16):
+        lines.append(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 120, 260])))}))
+        if i % 6 == 0:
+            lines.append(lines[-1])  # duplicated documents: exact ties between windows
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def Cooccurrence():  # noqa: N802 - the hunt's labeller, which counts label co-occurrence over what it labels
+    return CooccurrenceLabeller(ConceptLabeller(load_lexicon(None)))
+
+
+def _config(corpus, out, **kw):
+    return ScanConfig(model="tiny", corpus=str(corpus), out=str(out), context_length=24, batch_size=3, top_k=4,
+                      compile_stats=False, **kw)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_ray_scan_equals_one_process(tiny_llama, corpus, tmp_path, ray_session, workers):
+    """1 or 3 workers (3 share the 2 CPUs), 7 shards, concept labels, a max_tokens cut inside a document, the train
+    side of the split: neurons, examples and concepts tables equal the one-process scan's (exemplars to the last bit),
+    and so do the labeller's co-occurrence counts, merged from the workers."""
+    kw = dict(max_tokens=900, split="train", heldout_fraction=0.2)
+    one_lab, ray_lab = Cooccurrence(), Cooccurrence()
+    one = run_scan(_config(corpus, tmp_path / "one", **kw), model=tiny_llama, labeller=one_lab)
+    res = run_scan(_config(corpus, tmp_path / "ray", engine="ray", workers=workers, shards=7, **kw),
+                   model=tiny_llama, labeller=ray_lab)
+    assert compare_runs(tmp_path / "one", tmp_path / "ray") == []
+    assert res.state.tokens == one.state.tokens == 900
+    assert np.array_equal(ray_lab.cooccurrence, one_lab.cooccurrence) and one_lab.cooccurrence.sum() > 0
+    index = json.loads((tmp_path / "ray" / "shards" / "index.json").read_text())
+    assert len(index["workers"]) == workers and len(index["shards"]) == 7
+    assert sum(s["tokens"] for s in index["shards"].values()) == 900
+    assert not list((tmp_path / "ray" / "shards").glob("shard-*"))  # merged: the shard states are gone
+    assert json.loads((tmp_path / "ray" / "manifest.json").read_text())["versions"]["engine"].startswith("ray ")
+
+
+def test_interrupted_ray_scan_resumes_only_unfinished_shards(tiny_gpt2, corpus, tmp_path, ray_session):
+    out = tmp_path / "run"
+    cfg = _config(corpus, out, engine="ray", workers=1, shards=6)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two_shards(done, total):
+        if len(list((tmp_path / ".run.partial" / "shards").glob("shard-*.json"))) >= 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_scan(cfg, model=tiny_gpt2, progress=stop_after_two_shards)
+    partial = tmp_path / ".run.partial" / "shards"
+    finished = {p.name for p in partial.glob("shard-*.json")}
+    assert 2 <= len(finished) < 6 and not out.exists()
+    # a changed corpus (or configuration) is refused, and the interrupted run is kept
+    original = corpus.read_text()
+    corpus.write_text(original.replace("river", "rivers", 1))
+    with pytest.raises(RunDirError, match="different corpus"):
+        run_scan(cfg, model=tiny_gpt2, resume=True)
+    corpus.write_text(original)
+    with pytest.raises(RunDirError, match="different configuration"):
+        run_scan(cfg.model_copy(update={"top_k": 5}), model=tiny_gpt2, resume=True)
+    with pytest.raises(RunDirError, match="engine ray"):
+        run_scan(cfg.model_copy(update={"engine": "local"}), model=tiny_gpt2, resume=True)
+    assert {p.name for p in partial.glob("shard-*.json")} == finished
+    res = run_scan(cfg.model_copy(update={"workers": 2}), model=tiny_gpt2, resume=True)  # another worker count
+    assert res.timings["shards_resumed"] == len(finished)
+    assert res.timings["shards_scanned"] == 6 - len(finished)
+    index = json.loads((out / "shards" / "index.json").read_text())
+    assert index["resumes"] == 1
+    assert sorted(int(k) for k, s in index["shards"].items() if s.get("session") == 1) == sorted(
+        set(range(6)) - {int(n[6:11]) for n in finished})
+    run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
+    assert compare_runs(tmp_path / "one", out) == []
+
+
+def test_killed_worker_is_restarted_and_the_result_is_the_same(tiny_gpt2, corpus, tmp_path, ray_session):
+    """SIGKILL the only worker while it scans: Ray restarts it and retries the shard; the tables do not change."""
+    out = tmp_path / "run"
+    cfg = _config(corpus, out, engine="ray", workers=1, shards=6)
+    result, errors = {}, []
+
+    def scan():
+        try:
+            result["res"] = run_scan(cfg, model=tiny_gpt2)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=scan)
+    thread.start()
+    shards = tmp_path / ".run.partial" / "shards"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(shards.glob("shard-*.json")):
+        time.sleep(0.05)
+    pid = json.loads((shards / "index.json").read_text())["workers"][0]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    thread.join(600)
+    assert not errors, errors
+    index = json.loads((out / "shards" / "index.json").read_text())
+    assert {s["pid"] for s in index["shards"].values()} - {pid}  # a restarted worker scanned the rest
+    run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
+    assert compare_runs(tmp_path / "one", out) == []
