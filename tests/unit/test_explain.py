@@ -203,36 +203,53 @@ def test_scores_equal_an_independent_computation(planted):
     assert checked >= 20
 
 
-def test_shards_merge_to_one_pass(planted):
+def _scanner(planted, shard=None, batch_size=5):
     from neuronhunter.data.concepts import ConceptLabeller
-    from neuronhunter.judge.explain.heldout import HeldoutScanner, run_heldout
+    from neuronhunter.judge.explain.features import Vocabulary
+    from neuronhunter.judge.explain.heldout import HeldoutScanner
     from neuronhunter.judge.explain.pipeline import scan_config, scoring_side
 
-    run, model, result = planted["run"], planted["model"], planted["result"]
+    run, model, cands = planted["run"], planted["model"], planted["result"].candidates
     manifest = json.loads((run / "manifest.json").read_text())
     config = json.loads((run / "config.json").read_text())
-    cfg = ExplainConfig(batch_size=5)  # another batch size: the sums must not depend on it
+    cfg = ExplainConfig(batch_size=batch_size)  # another batch size: the sums must not depend on it
     scfg = scan_config(config, manifest, scoring_side(manifest, config, cfg), cfg)
-    cands = result.candidates
-    from neuronhunter.judge.explain.features import Vocabulary
+    return HeldoutScanner(model, scfg, ConceptLabeller(str(planted["lexicon"])), cands, Vocabulary(model.tokenizer),
+                          domains=cands.space.domains, fold_seed=0, shard=shard)
 
-    vocab = Vocabulary(model.tokenizer)
 
-    def scanner(shard):
-        return HeldoutScanner(model, scfg, ConceptLabeller(str(planted["lexicon"])), cands, vocab,
-                              domains=cands.space.domains, fold_seed=0, shard=shard)
-
-    a = run_heldout(scanner((0, 2)))
-    b = run_heldout(scanner((1, 2)))
-    assert a.tokens > 0 and b.tokens > 0
-    merged = a.merge(b)
-    whole = result.state
-    assert merged.tokens == whole.tokens and merged.corpus_fp == whole.corpus_fp
-    assert torch.equal(merged.feature_counts, whole.feature_counts)
-    m, w = merged.layers[0], whole.layers[0]
+def _same_sums(m, w):
     assert torch.equal(m.high_count, w.high_count) and torch.equal(m.hard_count, w.hard_count)
     assert torch.allclose(m.sum, w.sum, atol=1e-4) and torch.allclose(m.totals, w.totals, atol=1e-4)
-    assert [x.count for x in m.moments] == [x.count for x in w.moments]
+    assert torch.equal(m.count, w.count) and torch.allclose(m.sumsq, w.sumsq, rtol=1e-6)
+
+
+def test_shards_merge_to_one_pass(planted):
+    from neuronhunter.judge.explain.heldout import run_heldout
+
+    a = run_heldout(_scanner(planted, (0, 2)))
+    b = run_heldout(_scanner(planted, (1, 2)))
+    assert a.tokens > 0 and b.tokens > 0
+    merged = a.merge(b)
+    whole = planted["result"].state
+    assert merged.tokens == whole.tokens and merged.corpus_fp == whole.corpus_fp
+    assert torch.equal(merged.feature_counts, whole.feature_counts)
+    _same_sums(merged.layers[0], whole.layers[0])
+
+
+@pytest.mark.parametrize("heavy", [1, 10**9])
+def test_row_and_join_paths_agree(planted, monkeypatch, heavy):
+    """Every feature summed by the row path (one sparse product), or every one by the join path: same sums."""
+    from neuronhunter.judge.explain import scoring
+    from neuronhunter.judge.explain.heldout import run_heldout
+
+    monkeypatch.setattr(scoring, "HEAVY", heavy)
+    monkeypatch.setattr(scoring, "MAX_CHUNK", 37)  # and many small chunks (the packed counts' base changes)
+    sc = _scanner(planted, batch_size=3)
+    state = run_heldout(sc)
+    layer = state.layers[0]
+    assert (len(layer.join_pairs) == 0) == (heavy == 1) and (len(layer.row_pairs) == 0) == (heavy == 10**9)
+    _same_sums(layer, planted["result"].state.layers[0])
 
 
 def test_refuses_a_run_without_heldout_text(planted, tmp_path):

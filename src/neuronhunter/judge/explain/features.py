@@ -28,10 +28,10 @@ Within the families ``tok``, ``prev``, ``next``, ``bigram``, ``pos``, ``docstart
 prediction is the weight of the one feature that holds (0 if none), and its sufficient statistics on held-out text
 are sums over its features (:mod:`.scoring`). ``cat``/``prevcat``/``nextcat`` explanations have one feature each.
 
-Two evaluation paths (:class:`FeatureSpace`): *sparse* families (``tok``, ``prev``, ``next``, ``bigram``,
-``pos``: many keys, each on few tokens) are matched token by token; *dense* families (categories, document start,
-domains: few features, each on many tokens) are a small ``[features, tokens]`` matrix that one matrix product
-turns into sums for every neuron at once.
+*Sparse* families (``tok``, ``prev``, ``next``, ``bigram``, ``pos``: many keys) are looked up key by key; *dense*
+families (categories, document start, domains: few features, each on many tokens) have a fixed numbering and are
+computed as a ``[tokens, features]`` mask. Either way a batch's features become one list of occurrences
+``(token, feature)`` (:class:`BatchFeatures`); :mod:`.scoring` decides per feature how to sum over them.
 """
 
 from __future__ import annotations
@@ -163,9 +163,9 @@ class BatchFeatures:
     Attributes:
         flat: ``[T]`` index of each counted token in the flattened ``[batch * pos]`` activations.
         fold: ``[T]`` int64, the held-out fold (0/1) of the token's document.
-        occ_token, occ_feature: the sparse features that hold: token ``occ_token[i]`` has ``occ_feature[i]``.
+        occ_token, occ_feature: every feature that holds (sparse and dense): token ``occ_token[i]`` has feature
+            ``occ_feature[i]``.
         tok_feature: ``[T]`` the token's ``tok`` feature id (-1: none of the candidates' tokens).
-        dense: ``[2 * n_dense, T]`` float32, dense feature ``f`` of a token of fold ``k`` in row ``k * n_dense + f``.
         fold_onehot: ``[2, T]`` float32.
     """
 
@@ -174,12 +174,19 @@ class BatchFeatures:
     occ_token: Tensor
     occ_feature: Tensor
     tok_feature: Tensor
-    dense: Tensor | None
     fold_onehot: Tensor
 
     @property
     def n_tokens(self) -> int:
         return int(self.flat.numel())
+
+    def tokens(self, lo: int, hi: int) -> BatchFeatures:
+        """The features of tokens ``lo .. hi - 1`` only (renumbered from 0)."""
+        if lo == 0 and hi >= self.n_tokens:
+            return self
+        keep = (self.occ_token >= lo) & (self.occ_token < hi)
+        return BatchFeatures(self.flat[lo:hi], self.fold[lo:hi], self.occ_token[keep] - lo, self.occ_feature[keep],
+                             self.tok_feature[lo:hi], self.fold_onehot[:, lo:hi])
 
 
 def shifted(x: Tensor, by: int, fill: int = -1) -> Tensor:
@@ -233,14 +240,9 @@ def batch_features(space: FeatureSpace, vocab: Vocabulary, ids: Tensor, real: Te
         hit = fid >= 0
         occ_t.append(rows[hit])
         occ_f.append(fid[hit])
-    occ_token, occ_feature = torch.cat(occ_t), torch.cat(occ_f)
-    counts = torch.zeros((2, space.n_features), dtype=torch.long)
-    counts.view(-1).index_add_(0, occ_feature + fold[occ_token] * space.n_features,
-                               torch.ones_like(occ_feature))
     fold_onehot = torch.stack([(fold == 0), (fold == 1)]).float()
-    dense = None
     if space.n_dense:
-        d = torch.zeros((t, space.n_dense), dtype=torch.float32)
+        d = torch.zeros((t, space.n_dense), dtype=torch.bool)
         c = len(space.categories)
         if c and labels is not None:
             lab = labels.bool()
@@ -250,14 +252,19 @@ def batch_features(space: FeatureSpace, vocab: Vocabulary, ids: Tensor, real: Te
             next_lab[:, :-1] = lab[:, 1:] & real[:, 1:].unsqueeze(-1)
             for family, value in (("cat", lab), ("prevcat", prev_lab), ("nextcat", next_lab)):
                 off = space.dense_offset[family]
-                d[:, off:off + c] = value.reshape(b * p, c)[flat].float()
+                d[:, off:off + c] = value.reshape(b * p, c)[flat]
         docpos = (starts.view(b, 1) + torch.arange(p).view(1, p) - (1 if bos else 0)).reshape(-1)[flat]
         for i, k in enumerate(DOCSTART):
-            d[:, space.dense_offset["docstart"] + i] = (docpos < k).float()
+            d[:, space.dense_offset["docstart"] + i] = docpos < k
         if space.domains:
             dom = doc_domain.view(b, 1).expand(b, p).reshape(-1)[flat]
             ok = dom >= 0
-            d[rows[ok], space.dense_offset["domain"] + dom[ok]] = 1.0
-        dense = torch.cat([d.T * fold_onehot[0], d.T * fold_onehot[1]])  # [2 * n_dense, T]
-        counts[:, : space.n_dense] += dense.sum(1).round().long().view(2, space.n_dense)
-    return BatchFeatures(flat, fold, occ_token, occ_feature, tok_feature, dense, fold_onehot), counts
+            d[rows[ok], space.dense_offset["domain"] + dom[ok]] = True
+        tok_i, feat_i = torch.nonzero(d, as_tuple=True)
+        occ_t.append(tok_i)
+        occ_f.append(feat_i)
+    occ_token, occ_feature = torch.cat(occ_t), torch.cat(occ_f)
+    counts = torch.zeros((2, space.n_features), dtype=torch.long)
+    counts.view(-1).index_add_(0, occ_feature + fold[occ_token] * space.n_features,
+                               torch.ones_like(occ_feature))
+    return BatchFeatures(flat, fold, occ_token, occ_feature, tok_feature, fold_onehot), counts

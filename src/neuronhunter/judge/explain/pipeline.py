@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ...config import ScanConfig, StrictModel
 from ...errors import ConfigError, RunDirError
@@ -75,6 +75,12 @@ class ExplainConfig(StrictModel):
     simulator: str | None = Field(None, description="simulator: 'embedded' or an endpoint URL [default: the "
                                   "explainer]")
     text_windows: int = Field(6, ge=2, le=64, description="held-out excerpts per neuron for text simulation")
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> ExplainConfig:
+        if self.silent_fraction >= self.high_fraction:
+            raise ValueError("silent_fraction must be below high_fraction")
+        return self
 
     @field_validator("explainer", "simulator")
     @classmethod
@@ -260,12 +266,11 @@ def explain_run(run: str | Path, cfg: ExplainConfig | None = None, *, model: Hoo
         progress: called with ``(tokens_done, total)`` during the held-out pass.
         write: write ``explanations.parquet`` and the new ``neurons.parquet`` columns into the run, in place.
     """
-    import torch
 
     from ...data.concepts import ConceptLabeller
     from ...io import read_table
     from ...models.loading import load_model
-    from ...stats.state import ScanState, model_fingerprint
+    from ...stats.state import load_state, model_fingerprint
 
     cfg = cfg or ExplainConfig()
     t0 = time.perf_counter()
@@ -284,7 +289,7 @@ def explain_run(run: str | Path, cfg: ExplainConfig | None = None, *, model: Hoo
         raise RunDirError(f"the model's weights differ from those {run} was scanned with")
     timings = {"load_s": time.perf_counter() - t0}
     t1 = time.perf_counter()
-    state = ScanState.from_state_dict(torch.load(run / "stats.pt", weights_only=True))
+    state = load_state(run / "stats.pt")[0]
     categories = list(manifest.get("categories") or [])
     labeller = None
     if categories:

@@ -5,8 +5,8 @@ features ``j`` (:mod:`.features`) with weights ``w_j``; it predicts ``x_t = w_j`
 holds and ``0`` elsewhere. Everything its scores need is a sum over held-out tokens, so one pass accumulates, per
 document fold ``k`` (two halves of the held-out documents, :func:`doc_fold`):
 
-* per neuron: the moments of ``a`` (count, sum, sum of squares: :class:`~neuronhunter.stats.accumulators.Moments`),
-  the number of *high* tokens ``s a > high_s`` and of *hard negatives* per direction;
+* per neuron: the sufficient statistics of Pearson's r (tokens, sum of ``a``, sum of ``a²``), the number of *high*
+  tokens ``s a > high_s`` and of *hard negatives* per direction;
 * per (neuron, direction, feature) *pair*: the sum of ``a`` over the tokens where the feature holds, and how many
   of them are high / hard negatives;
 * per feature: how many tokens it holds on (the same for every neuron).
@@ -19,14 +19,19 @@ held-out pass, from train statistics only.
 
 Hot path per layer and batch (``T`` counted tokens, ``d`` neurons), no Python loop over neurons:
 
-1. ``X = [a, high+, high-, hardneg+, hardneg-]``: ``[T, 5d]`` (the top-token-set membership of every token and
-   neuron is one gather from a ``[tokens in batch, d]`` table);
-2. dense features (categories, document start, domains): one product ``[2 * features, T] @ X``;
-3. sparse features (tokens, neighbours, bigrams, positions): a join of the batch's feature occurrences with the
-   layer's pairs sorted by feature (``searchsorted`` + ``repeat_interleave``), then gathers from ``X`` and
+1. ``Y [T, 3, d]``: per token and neuron ``a`` and, per direction, a code ``high + base * hard negative`` (the two
+   never hold together, so one float32 sum gives both counts exactly); the top-token-set membership of every
+   token and neuron is one gather from a ``[tokens in batch, d]`` table;
+2. *row path*, for features that many pairs of the layer share (``HEAVY``: frequent tokens such as "," or "the"
+   sit in hundreds of token sets, "function word" in hundreds of category explanations): one sparse
+   ``[2 * features, T]`` by ``Y`` product sums ``Y`` over each feature's tokens once, and every pair reads its
+   values from the result;
+3. *join path*, for the other features: the batch's feature occurrences are joined with the layer's pairs sorted
+   by feature (``searchsorted`` + ``repeat_interleave``), then one gather of the pairs' values from ``Y`` and one
    ``index_add_`` into the pair accumulators: the work grows with the number of (token, pair) matches, not with
-   ``T * d``;
-4. per-fold totals: ``[2, T] @ X`` and the moments.
+   ``T * d``. (On the embedded model a token of the row path costs about as much as ~40 matches: hence the
+   split by the number of pairs per feature.)
+4. per-fold totals: ``[2, T] @ Y`` and ``[2, T] @ a²``.
 
 Everything is a sum, so two passes over disjoint documents merge by adding (:meth:`LayerScorer.merge`; tested
 against one pass over both), which is what shards and resumption need.
@@ -41,18 +46,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...stats.accumulators import Moments
 from .features import BatchFeatures, FeatureSpace
 
 F64 = torch.float64
-CHANNELS = 5  # a, high+, high-, hardneg+, hardneg-
+MAX_CHUNK = 4000  # tokens per chunk: keeps the packed counts exact in float32 (see LayerScorer._update)
+HEAVY = 32  # a feature shared by this many pairs of a layer is summed once per batch (row path)
 
 
 @dataclass
 class Pairs:
     """The (neuron, direction, feature) pairs of one layer that some explanation uses.
 
-    ``direction`` is 0 for ``+`` and 1 for ``-``; ``dense`` marks pairs of dense features.
+    ``direction`` is 0 for ``+`` and 1 for ``-``; ``n_dense``: features below it are dense (:mod:`.features`).
     """
 
     neuron: np.ndarray
@@ -62,6 +67,13 @@ class Pairs:
 
     def __len__(self) -> int:
         return len(self.neuron)
+
+
+def _decode(a: Tensor, code: Tensor, base: float) -> Tensor:
+    """``[..., 3]`` float64 (sum of a, high count, hard-negative count) from a sum of a and a sum of codes."""
+    code = code.double()
+    hard = torch.floor(code / base)
+    return torch.stack([a.double(), code - hard * base, hard], -1)
 
 
 class LayerScorer:
@@ -82,50 +94,73 @@ class LayerScorer:
         self.compile, self.full_batch = False, None  # set by the scanner; unused here
         self.high, self.silent = high.float(), silent.float()
         self.n_pairs = len(pairs)
-        self.n_dense = space.n_dense
         self.pair_neuron = torch.from_numpy(pairs.neuron.astype(np.int64))
         self.pair_dir = torch.from_numpy(pairs.direction.astype(np.int64))
         feature = torch.from_numpy(pairs.feature.astype(np.int64))
-        dense = feature < space.n_dense
-        self.dense_idx = torch.nonzero(dense).view(-1)
-        sparse_idx = torch.nonzero(~dense).view(-1)
-        order = torch.argsort(feature[sparse_idx], stable=True)
-        self.sparse_pair = sparse_idx[order]
-        self.sparse_feature = feature[self.sparse_pair].contiguous()
-        self.dense_feature = feature[self.dense_idx]
+        # row path: features many pairs share; join path: the rest (see the module docstring)
+        uniq, inverse, per_feature = torch.unique(feature, return_inverse=True, return_counts=True)
+        row = per_feature >= HEAVY
+        self.row_features = uniq[row].contiguous()
+        by_row = row[inverse]
+        self.row_pairs = torch.nonzero(by_row).view(-1)
+        self.row_local = torch.searchsorted(self.row_features, feature[self.row_pairs])
+        join = torch.nonzero(~by_row).view(-1)
+        order = torch.argsort(feature[join], stable=True)
+        self.join_pairs = join[order]
+        self.join_feature = feature[self.join_pairs].contiguous()
         tn, td, tf = (torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in tokset)
         order = torch.argsort(tf, stable=True)
         self.tok_neuron, self.tok_dir, self.tok_feature = tn[order], td[order], tf[order]
-        self.sum = torch.zeros((2, self.n_pairs), dtype=F64)
-        self.high_count = torch.zeros((2, self.n_pairs), dtype=torch.long)
-        self.hard_count = torch.zeros((2, self.n_pairs), dtype=torch.long)
-        self.moments = [Moments(d), Moments(d)]
-        self.totals = torch.zeros((2, CHANNELS, d), dtype=F64)  # per fold: sum a, n high+-, n hardneg+-
+        self.acc = torch.zeros((2, self.n_pairs, 3), dtype=F64)  # per fold and pair: sum a, n high, n hard neg.
+        self.count = torch.zeros(2, dtype=F64)  # tokens per fold
+        self.sumsq = torch.zeros((2, d), dtype=F64)  # per fold: sum of a^2
+        self.totals = torch.zeros((2, d, 2, 3), dtype=F64)  # per fold, neuron, direction: sum a, n high, n hard neg.
         self.features: Any = None  # set by the state: a callable (wids, mask, labels) -> BatchFeatures
+
+    @property
+    def sum(self) -> Tensor:
+        """``[2, pairs]`` sum of ``a`` over the tokens where the pair's feature holds, per fold."""
+        return self.acc[..., 0]
+
+    @property
+    def high_count(self) -> Tensor:
+        return self.acc[..., 1]
+
+    @property
+    def hard_count(self) -> Tensor:
+        return self.acc[..., 2]
 
     # ------------------------------------------------------------------------------------------- hot path
     def update(self, act: Tensor, mask: Tensor, wids: Tensor, labels: Tensor | None) -> None:
-        bf: BatchFeatures = self.features(wids, mask, labels)
-        if bf.n_tokens == 0:
-            return
-        d = self.d
-        a = act.reshape(-1, act.shape[-1])[bf.flat.to(act.device)].float().cpu()  # [T, d]
-        for k in (0, 1):
-            rows = a[bf.fold == k]
-            if rows.shape[0]:
-                self.moments[k].update(rows)
+        whole: BatchFeatures = self.features(wids, mask, labels)
+        acts = act.reshape(-1, act.shape[-1])
+        for lo in range(0, whole.n_tokens, MAX_CHUNK):
+            bf = whole.tokens(lo, lo + MAX_CHUNK)
+            self._update(acts[bf.flat.to(act.device)].float().cpu(), bf)
+
+    def _update(self, a: Tensor, bf: BatchFeatures) -> None:
+        """One chunk: ``a [T, d]`` activations of the chunk's tokens."""
+        t, d = a.shape
         member = self._membership(bf)  # [2, T, d] bool
-        x = torch.empty((a.shape[0], CHANNELS * d), dtype=torch.float32)
-        x[:, :d] = a
-        x[:, d:2 * d] = a > self.high[0]
-        x[:, 2 * d:3 * d] = -a > self.high[1]
-        x[:, 3 * d:4 * d] = member[0] & (a <= self.silent[0])
-        x[:, 4 * d:] = member[1] & (-a <= self.silent[1])
-        self.totals += (bf.fold_onehot @ x).view(2, CHANNELS, d).double()
-        if len(self.dense_idx) and bf.dense is not None:
-            self._dense(bf, x)
-        if len(self.sparse_pair) and len(bf.occ_feature):
-            self._sparse(bf, x)
+        # Y[t] = (a, code of direction +, code of direction -) per neuron, code = high + base * hard negative (never
+        # both): counts of both come out of one float32 sum, exactly, as long as T * base < 2**24
+        base = float(t + 1)
+        y = torch.empty((t, 3, d), dtype=torch.float32)
+        y[:, 0] = a
+        for s, v in ((0, a), (1, a.neg())):
+            hard = torch.le(v, self.silent[s]).logical_and_(member[s])
+            y[:, 1 + s].copy_(hard).mul_(base).add_(torch.gt(v, self.high[s]))
+        flat = y.view(t, 3 * d)
+        self.count += bf.fold_onehot.sum(1).double()
+        self.sumsq += (bf.fold_onehot @ (a * a)).double()
+        tot = (bf.fold_onehot @ flat).view(2, 3, d)
+        for s in (0, 1):
+            self.totals[:, :, s] += _decode(tot[:, 0], tot[:, 1 + s], base)
+        if len(bf.occ_feature):
+            if len(self.row_pairs):
+                self._rows(bf, flat, base)
+            if len(self.join_pairs):
+                self._join(bf, y.view(-1), base)
 
     def _membership(self, bf: BatchFeatures) -> Tensor:
         """``[2, T, d]``: token ``t`` is in neuron ``n``'s top-token set of direction ``s``."""
@@ -144,36 +179,38 @@ class LayerScorer:
         out[:, rows] = table[:, local]
         return out
 
-    def _dense(self, bf: BatchFeatures, x: Tensor) -> None:
-        d, nd = self.d, self.n_dense
-        sums = (bf.dense @ x).view(2, nd, CHANNELS, d)  # [fold, feature, channel, neuron]
-        f, n, s = self.dense_feature, self.pair_neuron[self.dense_idx], self.pair_dir[self.dense_idx]
+    def _rows(self, bf: BatchFeatures, flat: Tensor, base: float) -> None:
+        """Row path: per (fold, row feature) the sum of ``Y`` over its tokens (a sparse ``[2R, T]`` matrix times
+        ``Y``), then each pair reads its values."""
+        nr, d = len(self.row_features), self.d
+        local = torch.searchsorted(self.row_features, bf.occ_feature).clamp(max=nr - 1)
+        hit = self.row_features[local] == bf.occ_feature
+        token = bf.occ_token[hit]
+        index = torch.stack([bf.fold[token] * nr + local[hit], token])
+        ones = torch.ones(index.shape[1], dtype=torch.float32)
+        mat = torch.sparse_coo_tensor(index, ones, (2 * nr, bf.n_tokens), check_invariants=False)
+        sums = torch.sparse.mm(mat, flat).view(2, nr, 3, d)  # [fold, row feature, channel, neuron]
+        p = self.row_pairs
+        n, s = self.pair_neuron[p], self.pair_dir[p]
         for k in (0, 1):
-            blk = sums[k]
-            self.sum[k, self.dense_idx] += blk[f, 0, n].double()
-            self.high_count[k, self.dense_idx] += blk[f, 1 + s, n].round().long()
-            self.hard_count[k, self.dense_idx] += blk[f, 3 + s, n].round().long()
+            self.acc[k, p] += _decode(sums[k, self.row_local, 0, n], sums[k, self.row_local, 1 + s, n], base)
 
-    def _sparse(self, bf: BatchFeatures, x: Tensor) -> None:
-        d = self.d
-        keys = self.sparse_feature
+    def _join(self, bf: BatchFeatures, flat: Tensor, base: float) -> None:
+        """Join path: the batch's feature occurrences joined with the pairs sorted by feature; ``flat``: ``Y``
+        flattened."""
+        keys = self.join_feature
         lo = torch.searchsorted(keys, bf.occ_feature, right=False)
-        hi = torch.searchsorted(keys, bf.occ_feature, right=True)
-        cnt = hi - lo
+        cnt = torch.searchsorted(keys, bf.occ_feature, right=True) - lo
         total = int(cnt.sum())
         if total == 0:
             return
         token = bf.occ_token.repeat_interleave(cnt)
         first = torch.cumsum(cnt, 0) - cnt
-        slot = lo.repeat_interleave(cnt) + (torch.arange(total) - first.repeat_interleave(cnt))
-        pair = self.sparse_pair[slot]
-        neuron, direction = self.pair_neuron[pair], self.pair_dir[pair]
-        flat = x.view(-1)
-        base = token * (CHANNELS * d) + neuron
-        index = bf.fold[token] * self.n_pairs + pair
-        self.sum.view(-1).index_add_(0, index, flat[base].double())
-        self.high_count.view(-1).index_add_(0, index, flat[base + (1 + direction) * d].long())
-        self.hard_count.view(-1).index_add_(0, index, flat[base + (3 + direction) * d].long())
+        slot = torch.arange(total) + (lo - first).repeat_interleave(cnt)
+        pair = self.join_pairs[slot]
+        at = token * (3 * self.d) + self.pair_neuron[pair]
+        code = flat[at + (1 + self.pair_dir[pair]) * self.d]
+        self.acc.view(-1, 3).index_add_(0, bf.fold[token] * self.n_pairs + pair, _decode(flat[at], code, base))
 
     # ------------------------------------------------------------------------------------------- state
     def referenced_windows(self) -> Tensor:  # the scanner prunes stored windows by this: none are kept
@@ -185,23 +222,19 @@ class LayerScorer:
             raise ValueError(f"cannot merge held-out statistics of layer {self.layer}: different explanations "
                              "or thresholds")
 
+    STATE = ("acc", "count", "sumsq", "totals")
+
     def merge(self, other: LayerScorer) -> LayerScorer:
         self.check_mergeable(other)
-        self.sum += other.sum
-        self.high_count += other.high_count
-        self.hard_count += other.hard_count
-        self.totals += other.totals
-        for mine, theirs in zip(self.moments, other.moments, strict=True):
-            mine.merge(theirs)
+        for name in self.STATE:
+            getattr(self, name).add_(getattr(other, name))
         return self
 
     def state_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "sum": self.sum, "high_count": self.high_count, "hard_count": self.hard_count,
-                "totals": self.totals, "moments": [m.state_dict() for m in self.moments]}
+        return {"layer": self.layer, **{name: getattr(self, name) for name in self.STATE}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["sum"].shape != self.sum.shape:
+        if state["acc"].shape != self.acc.shape:
             raise ValueError(f"held-out statistics of layer {self.layer} do not match these explanations")
-        self.sum, self.high_count, self.hard_count = state["sum"], state["high_count"], state["hard_count"]
-        self.totals = state["totals"]
-        self.moments = [Moments.from_state_dict(m) for m in state["moments"]]
+        for name in self.STATE:
+            setattr(self, name, state[name].clone())
