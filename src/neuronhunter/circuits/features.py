@@ -240,12 +240,13 @@ def run_feature_scan(dictionary: str | Path, cfg: HuntConfig, *, model: HookedMo
     return FeatureScanResult(result, out, spec)
 
 
-def explain_features(run: str | Path, *, model: HookedModel | None = None, **options: Any) -> Any:
+def explain_features(run: str | Path, *, model: HookedModel | None = None,
+                     progress: Callable[[int, int | None], None] | None = None, **options: Any) -> Any:
     """The held-out explanation scores (``neuronhunter explain``) of a feature run, with its dictionary loaded."""
     from ..judge.explain.pipeline import ExplainConfig, explain_run
 
     view = model_for_run(run, model=model)
-    return explain_run(run, ExplainConfig(**options), model=view)
+    return explain_run(run, ExplainConfig(**options), model=view, progress=progress)
 
 
 def neuron_split(dictionary: Dictionary, layer: int, neuron: int, *, top: int = 8) -> list[tuple[int, float]]:

@@ -126,6 +126,21 @@ def register(app: typer.Typer) -> None:
                 explain_features(cfg.out, progress=progress)
             console.print(f"Explained [bold]{cfg.out}[/] (explanations.parquet, neurons.parquet columns)")
 
+    @group.command("explain")
+    def explain(
+        run: str = typer.Argument(..., help="A feature run (features scan)"),
+        max_tokens: MaxTokensOpt = None,
+        batch_size: BatchSizeOpt = None,
+    ) -> None:
+        """Score explanations of a feature run's features on held-out text (neuronhunter explain, with the
+        run's dictionary loaded)."""
+        from ..circuits.features import explain_features
+
+        options = {k: v for k, v in {"max_tokens": max_tokens, "batch_size": batch_size}.items() if v is not None}
+        with LazyProgress("scoring explanations on held-out text (tokens)") as progress:
+            explain_features(run, progress=progress, **options)
+        console.print(f"Explained [bold]{run}[/] (explanations.parquet, neurons.parquet columns)")
+
     @group.command("compare")
     def compare(
         neuron_run: str = typer.Argument(..., help="A hunt run of the neurons"),
