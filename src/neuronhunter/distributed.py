@@ -287,13 +287,13 @@ class ShardWorker:
     """One worker: loads the model once and scans shards (a plain class; the driver runs it as a Ray actor).
 
     Args:
-        config: the scan configuration (as JSON, so that the class pickles small).
+        config: the scan configuration (a :class:`ScanConfig` or a subclass, e.g. the hunt's).
         model: an already loaded model (tests, the Python API), or None to load ``config["model"]``.
         labeller: the concept labeller, or None.
         threads: torch threads for this worker (its share of the node's CPUs).
     """
 
-    def __init__(self, config: dict[str, Any], model: HookedModel | None = None,
+    def __init__(self, config: ScanConfig, model: HookedModel | None = None,
                  labeller: TokenLabeller | None = None, threads: int | None = None) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if threads:
@@ -302,7 +302,7 @@ class ShardWorker:
 
         self.current: tuple[int, int] = (-1, 0)  # (shard, tokens done) while a shard is scanned
         self.error: NeuronHunterError | None = None
-        self.cfg = ScanConfig.model_validate(config)
+        self.cfg = config
         try:
             if model is None:
                 from .models.loading import load_model
@@ -646,11 +646,10 @@ def run_distributed_scan(
         actor = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
                                                 max_task_retries=MAX_ATTEMPTS, max_concurrency=2)
         model_ref = ray.put(model) if model is not None else None
-        config = cfg.model_dump(mode="json")
         threads = None if gpus else max(1, int(cpus))
 
         def new_worker() -> Any:
-            return actor.remote(config, model_ref, labeller, threads)
+            return actor.remote(cfg, model_ref, labeller, threads)
 
         session.workers = [new_worker() for _ in range(n_workers)]
         infos = [_get(w.describe.remote()) for w in session.workers]  # model checks fail here, before any write

@@ -397,10 +397,9 @@ def rescore_run(run: str | Path, thresholds: VerdictThresholds | None = None, *,
     Works on a hunt run (new thresholds) and on a scan run made with a lexicon (turning it into a hunt run). The
     run's config.json records the thresholds used.
     """
-    import torch
 
     from .io import read_json, read_table, require_run
-    from .stats.state import ScanState
+    from .stats.state import load_state
 
     run = require_run(run, "stats.pt", "neurons.parquet", "concepts.parquet")
     manifest = read_json(run / MANIFEST)
@@ -418,7 +417,7 @@ def rescore_run(run: str | Path, thresholds: VerdictThresholds | None = None, *,
     control = [c for c, spec in lexicon.categories.items() if spec.control]
     th = thresholds or VerdictThresholds.model_validate(config.get("thresholds") or {})
     top_n = top_per_category or int(config.get("top_per_category") or 3)
-    state = ScanState.from_state_dict(torch.load(run / "stats.pt", weights_only=True))
+    state = load_state(run / "stats.pt")[0]
     cooc = np.asarray(info["cooccurrence"]) if info.get("cooccurrence") is not None else None
     decode, contexts = _examples_decoder(run, state)
     judgement = judge_state(state, categories, control, th, decode=decode, includes=includes_of(lexicon),

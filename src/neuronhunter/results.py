@@ -7,7 +7,7 @@ Run folder layout (every file written atomically; ``manifest.json`` last marks t
     examples.parquet / .csv / .json   one row per top example: layer, neuron, rank, activation, doc, pos, token,
                                       context (the max token marked as [[token]]), window, window_pos, source
     concepts.parquet / .csv / .json   (with a lexicon) layer, neuron, category, mean, std, max, count
-    stats.pt                          the mergeable accumulator state (torch.load(..., weights_only=True))
+    stats.pt                          the mergeable accumulator state (stats.state.load_state; compressed)
     config.json                       the resolved configuration
     manifest.json                     model, corpus hash, context length, BOS, versions, seed, timings, schema
 """
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .io import atomic_path, write_json, write_table
+from .stats.state import save_state
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -293,8 +294,7 @@ class ScanResult:
         concepts = self.concepts_frame()
         if concepts is not None:
             write_table(concepts, out / "concepts", formats=formats)
-        with atomic_path(out / "stats.pt") as tmp:
-            torch.save(self.state.state_dict(), tmp)
+        save_state(self.state, out / "stats.pt")  # read it with neuronhunter.stats.state.load_state
         write_json(out / "config.json", self.config.model_dump(mode="json"))
 
     def manifest(self) -> dict[str, Any]:

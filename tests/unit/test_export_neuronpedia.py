@@ -16,6 +16,7 @@ from neuronhunter.cli.main import main
 from neuronhunter.errors import ConfigError
 from neuronhunter.report.neuronpedia import export_neuronpedia, slug
 from neuronhunter.serve.testing import make_runs
+from neuronhunter.stats.state import load_state
 
 NUM, STR, BOOL, LIST, NONE = (int, float), str, bool, list, type(None)
 # the published fields of each record (Neuronpedia's export layout / importer tables) and their JSON types
@@ -110,8 +111,8 @@ def test_values_are_the_models_and_peak_where_the_scan_saw_it(exported):
     from neuronhunter.models.sites import Site
 
     paths, out, model = exported
-    windows = torch.load(paths["hunt"] / "stats.pt", weights_only=True)["windows"]
-    text = {int(w): tuple(model.to_str_tokens(v[2][1:])) for w, v in windows.items()}  # BOS left out
+    windows = load_state(paths["hunt"] / "stats.pt")[0].windows
+    text = {int(w): tuple(model.to_str_tokens(v.ids[1:])) for w, v in windows.items()}  # BOS left out
     ex = pd.read_parquet(paths["hunt"] / "examples.parquet")
     ex = ex[ex["kind"].isin(["top", "band"]) & (ex["direction"] == "+") & (ex["rank"] < 2)]
     for layer in (0, 1):

@@ -169,7 +169,6 @@ def export_neuronpedia(
         progress: called with ``(layers done, layers total)``.
     """
     import pandas as pd
-    import torch
 
     run = require_run(run, "neurons.parquet", "examples.parquet", "stats.pt")
     if examples < 1 or batch_size < 1 or layers_per_pass < 1:
@@ -196,11 +195,9 @@ def export_neuronpedia(
         from ..models.loading import load_model
 
         model = load_model(model_name)
-    state = torch.load(run / "stats.pt", weights_only=True)
-    from ..stats.state import StoredWindow
+    from ..stats.state import load_state
 
-    windows = {int(w): StoredWindow(*v) for w, v in state["windows"].items()}
-    del state
+    windows = load_state(run / "stats.pt")[0].windows
     bos = manifest.get("bos_token_id") if manifest.get("prepend_bos", True) else None
     logits = pd.read_parquet(run / "logits.parquet", filters=[("layer", "in", chosen)]) \
         if (run / "logits.parquet").exists() else None
