@@ -25,7 +25,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     folder = tmp_path_factory.mktemp("corpus")
-    for i in range(4):
+    for i in range(8):
         (folder / f"{i}.txt").write_text(" ".join([WORDS] * 3), encoding="utf-8")
     return str(folder)
 
@@ -39,12 +39,18 @@ def run(tmp_path_factory, tiny, corpus):
                                                      "prepend_bos": True}))
     neurons = pd.DataFrame({
         "layer": [0, 0, 1, 1], "neuron": [1, 2, 3, 4], "mean": [0.1, 0.0, 0.2, 0.3],
-        "verdict": ["monosemantic", "polysemantic", "monosemantic", "dead"],
+        "verdict": ["monosemantic", "polysemantic", "monosemantic", "dead"], "direction": ["+", "-", "+", "+"],
+        "claim_category": ["color", None, "animal", None], "claim_categories": [None, "animal,color", None, None],
         "top_category": ["color", "animal", "animal", None],
-        "categories": [["color"], ["animal", "color"], ["animal"], []],
     })
     neurons.to_parquet(folder / "neurons.parquet")
-    (folder / "manifest.json").write_text("{}")
+    from neuronhunter.data.corpus import Corpus
+    from neuronhunter.data.split import DocumentSplit
+
+    split = DocumentSplit(0.3, 0)
+    assert 0 < len(list(split.select(Corpus(corpus), "heldout"))) < 8  # a train and a held-out side
+    (folder / "manifest.json").write_text(json.dumps({"kind": "hunt", "corpus": {"spec": corpus,
+                                                                                 "split": split.manifest("train")}}))
     return folder
 
 
@@ -105,12 +111,31 @@ def test_logits_ablate_verify(run, capsys):
     assert len(pd.read_parquet(folder / "top_tokens.parquet")) == 5
     assert main(["ablate", str(run), "0", "1", "--heads", "1.2", "--method", "resample", "--max-tokens", "200",
                  "--out", str(run / "abl2")]) == 0
-    assert main(["verify", str(run), "--top-k", "1", "--n-random", "2", "--max-tokens", "200"]) == 0
+    fast = ["--n-nulls", "5", "--max-nulls", "5", "--max-claim-tokens", "6", "--min-tokens", "2", "--no-steer"]
+    assert main(["verify", str(run), *fast, "--claim", "1:7-=tokens:red|blue"]) == 0
+    from neuronhunter.causal.verification import CLAIM_COLUMNS
+
+    claims = pd.read_parquet(run / "claims.parquet")
+    assert list(claims.columns) == CLAIM_COLUMNS
+    assert len(claims) == 4 and set(claims.verified_on) == {"heldout"}
+    assert claims.set_index(["layer", "neuron"]).loc[(1, 7), "claim"] == "tokens:red|blue"
     table = pd.read_parquet(run / "neurons.parquet")
-    assert {"causal_effect", "causal_z", "causally_confirmed"} <= set(table.columns)
-    assert table.causal_effect.notna().sum() == 3
+    assert {"causal_effect", "causal_per_unit", "causal_p", "causal_q", "causally_confirmed",
+            "verified_on"} <= set(table.columns)
+    assert table.causal_p.notna().sum() == 3  # the hunt's three claims; the hand-given one is in claims.parquet
     assert (run / "verification.parquet").exists() and (run / "verification.html").exists()
-    assert "claims causally confirmed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Causal verification on heldout" in out and "tested claims confirmed" in out
+
+
+def test_verify_claims_without_a_run(tmp_path, tiny, corpus, capsys):
+    out = tmp_path / "mine"
+    assert main(["verify", "--claim", "0:5=tokens:cat|dog", "--claim", "1:9-=tokens:red", "--model", tiny,
+                 "--corpus", corpus, "--out", str(out), "--n-nulls", "5", "--max-nulls", "5",
+                 "--max-claim-tokens", "6", "--no-steer", "--no-attribution"]) == 0
+    claims = pd.read_parquet(out / "claims.parquet")
+    assert list(claims.direction) == ["+", "-"] and set(claims.verified_on) == {f"corpus:{corpus}"}
+    assert (claims.n_nulls == 5).all() and claims.p_value.between(0, 1).all()
 
 
 def test_probe_and_sparse_probe(tmp_path, run, capsys):
@@ -147,8 +172,12 @@ def test_bad_inputs(tmp_path, run, capsys):
     assert "layer 7 is out of range" in _err(capsys)
     assert main(["ablate", str(run), "0", "1", "--heads", "0.9"]) == 2
     assert "head 9 is out of range" in _err(capsys)
-    assert main(["verify", str(run), "--n-random", "1"]) == 2
-    assert "n_random" in _err(capsys)
+    assert main(["verify", str(run), "--n-nulls", "0"]) == 2
+    assert "n_nulls" in _err(capsys)
+    assert main(["verify", str(run), "--claim", "20=color"]) == 2
+    assert "bad claim" in _err(capsys)
+    assert main(["verify", "--claim", "0:1=color"]) == 2
+    assert "--corpus and --out" in _err(capsys)
     assert main(["logits", str(run), "--show", "3.3"]) == 2
     assert "not in" in _err(capsys)
     assert main(["sparse-probe", "--run", str(run), "--ks", "0"]) == 2
@@ -160,3 +189,7 @@ def test_bad_inputs(tmp_path, run, capsys):
     (plain / "config.json").write_text(json.dumps(json.loads((run / "config.json").read_text())))
     assert main(["verify", str(plain)]) == 2
     assert "hunt" in _err(capsys)
+    (plain / "neurons.parquet").unlink()
+    pd.read_parquet(run / "neurons.parquet").to_parquet(plain / "neurons.parquet")
+    assert main(["verify", str(plain)]) == 2  # its manifest records no train/held-out split
+    assert "no held-out side" in _err(capsys)

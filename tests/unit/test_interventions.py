@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -218,89 +217,6 @@ def test_bad_inputs(planted):
     assert I.parse_units([1, 2, 3, 4]) == [(1, 2), (3, 4)]
     with pytest.raises(ConfigError, match="nothing to ablate"):
         I.ablation_factory(m)
-
-
-# ------------------------------------------------------------------------------------------------ verification
-ANIMALS = ["cat", "dog", "fox", "bird", "horse"]
-
-
-@pytest.fixture(scope="module")
-def verify_setup(tmp_path_factory):
-    """Neuron 1.7 fires on animal tokens only and writes W_U[' ran']; in the corpus every animal is followed by
-    ' ran'. Ablating it must hurt the loss after animals (its claim: 'animal'). Neuron 1.20 is claimed for
-    'color' but writes nothing, so its claim must fail."""
-    from neuronhunter.causal import verification as V  # noqa: F401
-
-    m = tiny_model("gpt2", seed=4)
-    hf = m.model
-    ran = m.tokenizer(" ran", add_special_tokens=False)["input_ids"][0]
-    with torch.no_grad():
-        for w in ANIMALS:
-            (tid,) = m.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
-            hf.transformer.wte.weight[tid, 0] += 1.0
-        c_fc = hf.transformer.h[1].mlp.c_fc
-        c_fc.weight[:, 7] = 0.0
-        c_fc.weight[0, 7] = 1.0
-        c_fc.bias[7] = -1.0
-        m.neuron_output_weights(1)[7] = 3.0 * m.unembed_matrix()[:, ran]
-        m.neuron_output_weights(1)[20] = 0.0  # claimed 'color' below, but it writes nothing: no causal role
-    rng = np.random.default_rng(1)
-    words = ["the", "red", "blue", "green", "door", "and", "then", "near", "tree", "old"]
-    texts = []
-    for _ in range(6):
-        toks = []
-        for _ in range(40):
-            toks.extend([str(rng.choice(ANIMALS)), "ran"] if rng.random() < 0.2 else [str(rng.choice(words))])
-        texts.append(" ".join(toks))
-    docs = [Document(i, t, f"v{i}") for i, t in enumerate(texts)]
-    labeller = WordLabeller({"animal": set(ANIMALS), "color": {"red", "blue", "green"}})
-    run = tmp_path_factory.mktemp("run")
-    neurons = pd.DataFrame({"layer": [1, 1, 1, 0], "neuron": [7, 20, 21, 3], "mean": [0.0] * 4,
-                            "verdict": ["monosemantic", "monosemantic", "polysemantic", "dead"],
-                            "top_category": ["animal", "color", "color", None],
-                            "categories": [["animal"], ["color"], ["color", "animal"], []],
-                            "crs": [0.9, 0.8, 0.1, 0.0]})
-    neurons.to_parquet(run / "neurons.parquet")
-    (run / "config.json").write_text('{"model": "tiny", "context_length": 48}')
-    (run / "manifest.json").write_text("{}")
-    return m, docs, labeller, run
-
-
-def test_select_candidates(verify_setup):
-    from neuronhunter.causal.verification import select_candidates
-
-    *_, run = verify_setup
-    cands = select_candidates(pd.read_parquet(run / "neurons.parquet"), top_k=1)
-    assert sorted(zip(cands.layer, cands.neuron, strict=True)) == [(1, 7), (1, 20), (1, 21)]
-    poly = cands[cands.verdict == "polysemantic"].iloc[0]
-    assert list(poly.claimed) == ["color", "animal"]
-    with pytest.raises(ConfigError, match="hunt"):
-        select_candidates(pd.DataFrame({"layer": [0], "neuron": [1]}))
-
-
-def test_verify_confirms_only_the_planted_claim(verify_setup):
-    from neuronhunter.causal.verification import VerifyConfig, verify_run
-
-    m, docs, labeller, run = verify_setup
-    cfg = VerifyConfig(top_k=2, n_random=4, method="zero", max_tokens=None, batch_size=4)
-    res, summary = verify_run(run, m, cfg, corpus=docs, labeller=labeller)
-    res = res.set_index(["layer", "neuron"])
-    planted = res.loc[(1, 7)]
-    assert planted.causally_confirmed and planted.causal_effect > 0.1 and planted.causal_z > 10
-    assert planted.delta_category > planted.delta_other
-    assert not res.loc[(1, 20)].causally_confirmed and res.loc[(1, 20)].causal_effect == 0.0
-    assert summary["by_verdict"]["monosemantic"] == {"tested": 2, "confirmed": 1}
-    table = pd.read_parquet(run / "neurons.parquet").set_index(["layer", "neuron"])
-    assert {"causal_effect", "causal_z", "causally_confirmed"} <= set(table.columns)
-    assert table.causally_confirmed.dtype == bool
-    assert bool(table.loc[(1, 7), "causally_confirmed"]) and np.isnan(table.loc[(0, 3), "causal_effect"])
-    assert (run / "verification.parquet").exists() and (run / "verification.json").exists()
-    # verifying again replaces the columns instead of duplicating them
-    verify_run(run, m, VerifyConfig(top_k=1, n_random=2, method="mean", max_tokens=300), corpus=docs,
-               labeller=labeller)
-    assert list(pd.read_parquet(run / "neurons.parquet").columns).count("causal_effect") == 1
-    with pytest.raises(ConfigError, match="n_random"):
-        VerifyConfig(n_random=1).check()
 
 
 def test_corpus_batches_tokens_per_doc(planted):

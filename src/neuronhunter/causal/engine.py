@@ -35,6 +35,7 @@ attention does not take 4-D masks; the default SDPA/eager implementations do.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,7 @@ class AblationEngine:
         self._clean_nll: np.ndarray | None = None
         self.n_probes = 0  # probe positions run so far (for benchmarks)
         self.n_positions = 0  # positions computed so far, prefixes included
+        self.seconds = {"clean": 0.0, "layers": 0.0, "probes": 0.0, "gradients": 0.0}
 
     # ------------------------------------------------------------------------------------------ clean pass
     def _window_batches(self) -> list[np.ndarray]:
@@ -155,6 +157,7 @@ class AblationEngine:
     def clean_nll(self) -> np.ndarray:
         """Next-token loss ``[N]`` of the clean model at every verification token."""
         if self._clean_nll is None:
+            t0 = time.perf_counter()
             out = np.zeros(len(self.tokens))
             where = {}
             for i, (w, p) in enumerate(zip(self.tokens.window, self.tokens.pos, strict=True)):
@@ -169,6 +172,7 @@ class AblationEngine:
                     nll = self._nll(h[rr, pp], torch.as_tensor(self.tokens.target_ids[ii.numpy()]))
                 out[ii.numpy()] = nll.double().cpu().numpy()
             self._clean_nll = out
+            self.seconds["clean"] += time.perf_counter() - t0
         return self._clean_nll
 
     def layer(self, layer: int) -> LayerState:
@@ -177,6 +181,7 @@ class AblationEngine:
         st = self._state
         if st is not None and st.layer == layer:
             return st
+        t0 = time.perf_counter()
         start, resid = (st.layer, st.resid) if st is not None and st.layer < layer else (0, None)
         pre, post = Site(layer, "hook_resid_pre"), Site(layer, "mlp.hook_post")
         resid_out, acts = [], []
@@ -192,6 +197,7 @@ class AblationEngine:
         self._state = None  # release the previous layer before keeping this one
         acts_t = torch.cat(acts)
         self._state = LayerState(layer, torch.cat(resid_out), acts_t, acts_t.double().mean(0).float())
+        self.seconds["layers"] += time.perf_counter() - t0
         return self._state
 
     # ------------------------------------------------------------------------------------------ probes
@@ -282,6 +288,7 @@ class AblationEngine:
         if not len(tok):
             return nll
         state = self.layer(layer)
+        t0 = time.perf_counter()
         site = Site(layer, "mlp.hook_post")
         for batch in self._batches(self._rows(tok)):
             resid, ids, pos, mask, prow, pcol = self._inputs(state, batch, tok)
@@ -308,6 +315,7 @@ class AblationEngine:
             self.n_probes += len(idx)
             if progress is not None:
                 progress(len(idx))
+        self.seconds["probes"] += time.perf_counter() - t0
         return nll
 
     def gradients(self, layer: int, tok: np.ndarray, progress: Callable[[int], None] | None = None) -> Tensor:
@@ -318,6 +326,7 @@ class AblationEngine:
         if not len(tok):
             return out
         state = self.layer(layer)
+        t0 = time.perf_counter()
         site = Site(layer, "mlp.hook_post")
         for batch in self._batches(self._rows(tok)):
             resid, ids, pos, mask, prow, pcol = self._inputs(state, batch, tok)
@@ -342,6 +351,7 @@ class AblationEngine:
             self.n_probes += len(idx)
             if progress is not None:
                 progress(len(idx))
+        self.seconds["gradients"] += time.perf_counter() - t0
         return out
 
 

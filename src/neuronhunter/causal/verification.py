@@ -1,243 +1,497 @@
-"""Causal verification of the hunt's claims: does ablating a "category neuron" hurt that category specifically?
+"""Causal verification of claims about neurons: held out, against matched nulls, with multiplicity control.
 
-The hunt labels neurons from correlations (which concepts they fire on). ``verify`` tests the claim causally:
+The hunt (and ``explain``) make claims from correlations: *neuron N, in direction D, is about X*. ``verify``
+tests each one causally, in a way a sceptical reviewer can accept:
 
-1. **Candidates.** For each verdict (``monosemantic``, ``polysemantic`` by default) and each top category, the
-   ``top_k`` neurons, ranked by the hunt's d' of the top category (else its mean response, from
-   ``concepts.parquet``, else CRS or max activation). A neuron's *claimed categories* are the categories the hunt
-   found it responsive to (``categories``: one related group for a monosemantic neuron, several for a
-   polysemantic one), or its ``top_category`` when that list is absent.
-2. **Effect.** Each candidate is ablated alone (mean ablation over the verification corpus by default) and the
-   per-token increase of next-token loss is measured. With ``align="input"`` a token "belongs to" a category when
-   the *input* token at that position carries the label (where the neuron fires; the loss is that of predicting
-   the next token); ``target`` uses the predicted token's label, ``either`` both::
+1. **Held out.** The hunt scans the ``train`` side of a document split (:mod:`neuronhunter.data.split`, recorded
+   in the run manifest as ``corpus.split``); verification reads the ``heldout`` side of the same corpus, or a second
+   corpus given by the user. Every output says which (``verified_on``: ``heldout`` or ``corpus:<spec>``). A run
+   that scanned all documents has no held-out side and is refused unless another corpus is given.
+2. **The effect.** At each held-out token the claim is about (input-aligned, position >= 1: :mod:`neuronhunter.stats.tokens`;
+   at most ``max_claim_tokens``, a seeded sample shared by all claims about the same thing), the neuron is mean-ablated *at that token alone* and the change
+   of the next-token loss there is measured exactly (:mod:`neuronhunter.causal.engine`). ``causal_effect`` is the
+   mean change in nats; ``causal_per_unit`` divides it by the mean norm of the residual perturbation.
+3. **Matched nulls, many of them** (:mod:`neuronhunter.causal.nulls`): ``n_nulls`` same-layer neurons perturbing
+   the residual stream by exactly the same norm at the same tokens, and the claimed neuron perturbed identically at
+   matched non-claim tokens (stratified permutation test). ``p_value = max(p_neuron, p_token)``.
+4. **Multiplicity.** Benjamini–Hochberg q-values across all tested claims of the call; ``causally_confirmed`` when
+   ``q_value <= alpha`` (0.05). Claims with fewer than ``min_tokens`` held-out tokens, or whose neuron does not
+   perturb the residual stream at them, are not tested (``p_value`` NaN) and never confirmed.
+5. **A screen and a second test.** Attribution patching (gradient x the same perturbation, one backward pass per
+   batch) estimates every neuron's effect; its correlation with the exact effects is reported, and the claim's rank
+   among all neurons of its layer (per unit of perturbation) is kept as ``attribution_p``. The steering check
+   (:mod:`neuronhunter.causal.steering`) adds the neuron's direction and tests whether the tokens its logit
+   attribution (``steer_*``) and its claim (``steer_claim_*``) predict rise more than matched random token sets;
+   BH q-values across claims give ``steering_confirmed``.
 
-       causal_effect = mean Δloss(category tokens) - mean Δloss(other tokens)
-
-3. **Baseline.** ``n_random`` random neurons of the same layer are ablated the same way and scored against the
-   same category tokens. A claim is **causally confirmed** when ``causal_effect > 0``, the category has at least
-   ``min_tokens`` tokens, ``z = (causal_effect - mean_random) / std_random >= z_threshold``, and the effect beats
-   every random neuron (an empirical p-value of ``1 / (n_random + 1)``; raise ``n_random`` for stronger claims).
-
-``neurons.parquet`` gains ``causal_effect``, ``causal_z`` and ``causally_confirmed`` (NaN / NaN / False for neurons
-that were not tested); ``verification.parquet`` holds the details and ``verification.json`` the summary.
-
-Single-neuron effects in a 30-layer model are small (often < 0.01 nats on average); the random baseline is what
-makes them interpretable. Costs one forward pass over the corpus per ablated neuron: keep the corpus small
-(``max_tokens``) on a CPU.
+Outputs of :func:`verify_run`: ``claims.parquet`` (one row per claim, the columns of :data:`CLAIM_COLUMNS`),
+``verification.parquet`` (everything per claim: nulls, attribution, steering), ``verification.json`` (settings,
+data, counts, the attribution/exact correlation, timings); the hunt's claims also as ``causal_*`` columns of
+``neurons.parquet`` (updated in place with :func:`neuronhunter.runfolder.updating`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
+from ..config import StrictModel
 from ..errors import ConfigError
 from ..models.hooked import HookedModel
-from ..models.sites import Site
-from ..stats.tokens import n_counted
-from .interventions import TokenTable, ablation_factory, corpus_losses, reference_means
+from . import nulls as N
+from . import steering as S
+from .claims import CLAIM_VERDICTS, Claim, TokenMatcher, hunt_claims
+from .engine import AblationEngine
 
 log = logging.getLogger(__name__)
 
-CLAIM_VERDICTS = ("monosemantic", "polysemantic")
+CLAIM_COLUMNS = ["layer", "neuron", "direction", "claim", "causal_effect", "causal_per_unit", "p_value", "q_value",
+                 "causally_confirmed", "verified_on", "n_tokens", "n_nulls"]
+NEURON_COLUMNS = ["causal_effect", "causal_per_unit", "causal_p", "causal_q", "causally_confirmed", "verified_on"]
+_OLD_NEURON_COLUMNS = ("causal_z",)
 
 
-@dataclass
-class VerifyConfig:
-    """Options of :func:`verify_neurons` / :func:`verify_run` (see the module docstring)."""
+class VerifyConfig(StrictModel):
+    """Settings of ``neuronhunter verify`` (see the module docstring)."""
 
-    top_k: int = 3
-    verdicts: tuple[str, ...] = CLAIM_VERDICTS
-    n_random: int = 5
-    method: str = "mean"
-    align: str = "input"
-    z_threshold: float = 2.0
-    min_tokens: int = 5
-    max_tokens: int | None = 2048
-    batch_size: int = 8
+    verdicts: list[str] = Field(list(CLAIM_VERDICTS), description="hunt verdicts whose claims are tested")
+    hunt: bool = Field(True, description="test the hunt's claims (besides claims given by hand)")
+    n_nulls: int = Field(50, ge=1, description="matched null neurons per claim")
+    max_nulls: int = Field(200, ge=1, description="null neurons for claims that beat all first n_nulls "
+                           "(sequential Monte Carlo: the smallest p-value becomes 1/(max_nulls+1))")
+    token_matches: int = Field(4, ge=1, description="matched non-claim tokens per claim token (token null)")
+    n_draws: int = Field(2000, ge=50, description="Monte-Carlo draws of the stratified token permutation test")
+    max_claim_tokens: int = Field(24, ge=1, description="held-out tokens tested per claim (a seeded sample)")
+    min_tokens: int = Field(3, ge=1, description="claims with fewer held-out tokens are not tested")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="confirmed when the BH q-value is at most this")
+    attribution: bool = Field(True, description="attribution-patching screen of every neuron")
+    steer: bool = Field(True, description="steering check")
+    steer_tokens: int = Field(32, ge=1, description="tokens steered at per layer")
+    steer_sets: int = Field(200, ge=1, description="random token sets matched on clean probability (steering null)")
+    steer_match_window: int = Field(50, ge=1, description="a null token is drawn within this many ranks of the "
+                                    "predicted token it replaces")
+    steer_quantile: float = Field(0.99, gt=0.5, lt=1.0, description="steering amount: this quantile of d*(a-mean)")
+    steer_top_k: int = Field(10, ge=1, description="tokens of the logit-attribution prediction")
+    max_tokens: int | None = Field(32768, ge=1, description="verification corpus tokens (held-out side)")
+    batch_tokens: int = Field(4096, ge=64, description="positions per forward pass")
     seed: int = 0
-    categories: tuple[str, ...] | None = None  # only claims whose top category is one of these
-
-    def check(self) -> None:
-        if self.top_k < 1 or self.n_random < 2:
-            raise ConfigError("verify needs top_k >= 1 and n_random >= 2 (the baseline needs a spread)")
-        if self.method not in ("zero", "mean", "resample"):
-            raise ConfigError(f"unknown ablation method {self.method!r}; use zero, mean or resample")
-        if self.align not in ("input", "target", "either"):
-            raise ConfigError(f"align must be input, target or either, got {self.align!r}")
 
 
-def run_settings(run: str | Path) -> dict[str, Any]:
-    """Model, corpus and windowing of a run folder (from its ``config.json``), with defaults."""
-    from ..io import read_json, require_run
-
-    run = require_run(run)
-    cfg = read_json(run / "config.json") if (run / "config.json").exists() else {}
-    # the hunt stores the exact lexicon it used as lexicon.json; else the config names a lexicon file
-    lexicon = read_json(run / "lexicon.json") if (run / "lexicon.json").exists() else None
-    if lexicon is None and cfg.get("categories"):
-        lexicon = {"categories": cfg["categories"]}
-    return {"model": cfg.get("model") or "smollm2-135m", "corpus": cfg.get("corpus"),
-            "context_length": int(cfg.get("context_length") or 128), "prepend_bos": bool(cfg.get("prepend_bos", True)),
-            "lexicon": lexicon or cfg.get("categories_file") or cfg.get("concepts"),
-            "labeller_options": {"last_token_only": bool(cfg.get("label_last_token_only", False)),
-                                 "case_sensitive": bool(cfg.get("case_sensitive", False))}}
+# ------------------------------------------------------------------------------------------------ helpers
+def _stable_rng(seed: int, *key: Any) -> np.random.Generator:
+    digest = hashlib.blake2b(repr((seed, *key)).encode(), digest_size=8).digest()
+    return np.random.default_rng(int.from_bytes(digest, "little"))
 
 
-def _as_list(value: Any) -> list[str]:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    if isinstance(value, str):
-        return [v for v in value.split(";") if v]
-    return [str(v) for v in list(value)]
+def _seed_key(claim: Claim) -> tuple[int, int, str]:
+    """What a claim's random draws depend on: not its direction (a relabelled neuron must get the same draws)."""
+    return (claim.layer, claim.neuron, claim.claim)
 
 
-def select_candidates(neurons: Any, *, top_k: int = 3, verdicts: Sequence[str] = CLAIM_VERDICTS,
-                      concepts: Any = None, categories: Sequence[str] | None = None) -> Any:
-    """The neurons to verify: top ``top_k`` per (verdict, top category), with their claimed categories.
+def write_norms(model: HookedModel, layer: int) -> np.ndarray:
+    """``|w_j|``: the residual-stream norm one unit of each neuron's activation writes (through the linear part of a
+    post-norm where the block has one)."""
+    from ..analysis.attribution import neuron_writes
 
-    Returns:
-        a DataFrame ``layer, neuron, verdict, top_category, claimed (list), strength``.
-    """
-    import pandas as pd
-
-    need = {"layer", "neuron", "verdict", "top_category"}
-    if not need <= set(neurons.columns):
-        raise ConfigError(f"neurons.parquet has no hunt results (missing {', '.join(sorted(need - set(neurons.columns)))});"
-                          " run `neuronhunter hunt` first")
-    df = neurons[neurons.verdict.isin(list(verdicts)) & neurons.top_category.notna()
-                 & (neurons.top_category.astype(str) != "")].copy()
-    if categories is not None:
-        df = df[df.top_category.isin(list(categories))]
-    if df.empty:
-        return pd.DataFrame(columns=["layer", "neuron", "verdict", "top_category", "claimed", "strength"])
-    col = next((c for c in ("dprime", "top_mean") if c in df.columns), None)
-    if col is None and concepts is not None and {"layer", "neuron", "category", "mean"} <= set(concepts.columns):
-        strength = concepts.rename(columns={"category": "top_category", "mean": "strength"})
-        df = df.merge(strength[["layer", "neuron", "top_category", "strength"]], how="left",
-                      on=["layer", "neuron", "top_category"])
-    else:
-        col = col or next((c for c in ("crs", "max", "mean") if c in df.columns), None)
-        df["strength"] = df[col] if col else 0.0
-    cats = df["categories"] if "categories" in df.columns else [None] * len(df)
-    df["claimed"] = [_as_list(c) or [t] for t, c in zip(df.top_category, cats, strict=True)]
-    df = df.sort_values(["verdict", "top_category", "strength"], ascending=[True, True, False], kind="stable")
-    df = df.groupby(["verdict", "top_category"], sort=True).head(top_k)
-    return df[["layer", "neuron", "verdict", "top_category", "claimed", "strength"]].reset_index(drop=True)
+    return neuron_writes(model, layer).float().norm(dim=1).cpu().numpy().astype(np.float64)
 
 
-def _effect(delta: np.ndarray, mask: np.ndarray) -> float:
-    if not mask.any() or mask.all():
-        return float("nan")
-    return float(delta[mask].mean() - delta[~mask].mean())
+def _logit_prediction(model: HookedModel, layer: int, neuron: int, sign: float, k: int) -> np.ndarray:
+    from ..analysis.attribution import direct_logit_weights
+
+    dla = direct_logit_weights(model, layer, [neuron])[0].float() * sign
+    return dla.topk(min(k, dla.shape[0])).indices.cpu().numpy().astype(np.int64)
 
 
-def verify_neurons(model: HookedModel, batches: Sequence[Any], categories: Sequence[str], candidates: Any,
-                   config: VerifyConfig | None = None, *, progress: Callable[[], None] | None = None) -> Any:
-    """Ablate each candidate and a random same-layer baseline; score the claims (module docstring).
+class _Probes:
+    """Probes of one layer collected from all its claims, run in one engine call."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.n = 0
+
+    def add(self, tok: np.ndarray, unit: np.ndarray, value: np.ndarray) -> slice:
+        tok, unit, value = (np.asarray(x).reshape(-1) for x in (tok, unit, value))
+        self.parts.append((tok.astype(np.int64), unit.astype(np.int64), value.astype(np.float64)))
+        s = slice(self.n, self.n + len(tok))
+        self.n += len(tok)
+        return s
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.parts:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+        return tuple(np.concatenate([p[i] for p in self.parts]) for i in range(3))  # type: ignore[return-value]
+
+
+def _row(claim: Claim, verified_on: str, **values: Any) -> dict[str, Any]:
+    base = {"layer": claim.layer, "neuron": claim.neuron, "direction": claim.direction, "claim": claim.claim,
+            "kind": claim.kind, "source": claim.source, "verdict": claim.verdict, "verified_on": verified_on,
+            "status": "tested", "n_tokens": 0, "n_tokens_available": 0, "n_nulls": 0,
+            "perturbation": np.nan, "causal_effect": np.nan, "causal_per_unit": np.nan,
+            "null_neuron_mean": np.nan, "null_neuron_sd": np.nan, "p_neuron": np.nan,
+            "token_null_mean": np.nan, "token_null_per_unit": np.nan, "p_token": np.nan, "p_value": np.nan, "q_value": np.nan,
+            "causally_confirmed": False, "attribution_effect": np.nan, "attribution_p": np.nan,
+            "steer_amount": np.nan, "steer_effect": np.nan, "steer_p": np.nan, "steer_q": np.nan, "steering_confirmed": False,
+            "steer_claim_effect": np.nan, "steer_claim_p": np.nan}
+    base.update(values)
+    return base
+
+
+# ------------------------------------------------------------------------------------------------ one layer
+def _run(engine: AblationEngine, layer: int, probes: _Probes, clean: np.ndarray) -> np.ndarray:
+    """Loss changes of a layer's probes (exact, one engine call)."""
+    tok, unit, val = probes.arrays()
+    if not len(tok):
+        return np.zeros(0)
+    return engine.run(layer, tok, unit, val) - clean[tok]
+
+
+def _layer(engine: AblationEngine, matcher: TokenMatcher, layer: int, claims: list[tuple[int, Claim]],
+           masks: dict[int, np.ndarray], cfg: VerifyConfig, verified_on: str, lexicon_words: dict[str, list[str]],
+           pairs: list[np.ndarray]) -> dict[int, dict[str, Any]]:
+    """Test every claim of one layer; returns ``{claim index: result row}`` and appends (exact, attribution)
+    effect pairs to ``pairs``."""
+    model = engine.model
+    st = engine.layer(layer)
+    acts = st.acts.numpy().astype(np.float64)  # [N, d]
+    mu = st.means.numpy().astype(np.float64)
+    wn = write_norms(model, layer)
+    clean = engine.clean_nll()
+    probes = _Probes()
+    work: dict[int, dict[str, Any]] = {}
+    rows: dict[int, dict[str, Any]] = {}
+    claimed_here: dict[int, set[str]] = {}
+    for _, c in claims:
+        claimed_here.setdefault(c.neuron, set()).update(c.categories or c.tokens)
+    for i, c in claims:
+        mask = masks[i]
+        avail = np.flatnonzero(mask)
+        rng = _stable_rng(cfg.seed, "sample", c.claim)  # claims about the same thing share their tokens
+        tok = np.sort(rng.choice(avail, size=cfg.max_claim_tokens, replace=False)) \
+            if len(avail) > cfg.max_claim_tokens else avail
+        n = c.neuron
+        delta = np.abs(mu[n] - acts[tok, n]) * wn[n]
+        info = {"n_tokens": len(tok), "n_tokens_available": len(avail)}
+        if len(tok) < cfg.min_tokens:
+            rows[i] = _row(c, verified_on, status=f"too few held-out tokens ({len(avail)})", **info)
+            continue
+        if delta.mean() <= N.TINY:
+            rows[i] = _row(c, verified_on, status="no perturbation (zero write or no deviation)",
+                           perturbation=float(delta.mean()), **info)
+            continue
+        sizes = (np.abs(mu[None, :] - acts[tok]) * wn[None, :]).mean(0)
+        overlap = set(c.categories or c.tokens)
+        exclude = [j for j, what in claimed_here.items() if j != n and what & overlap]
+        ranked = N.match_neurons(sizes, n, max(cfg.n_nulls, cfg.max_nulls), exclude)
+        nulls = ranked[: cfg.n_nulls]
+        null_vals = N.null_values(acts[tok], mu, wn, delta, nulls)  # [c, J]
+        candidates = np.flatnonzero(~mask)
+        strata = N.match_tokens(acts[:, n] - mu[n], tok, candidates, cfg.token_matches)  # [c, k]
+        filled = strata >= 0
+        change = np.repeat((mu[n] - acts[tok, n])[:, None], strata.shape[1], 1)  # the claim token's change
+        w = {"tok": tok, "delta": delta, "nulls": nulls, "strata": strata, "info": info,
+             "own": probes.add(tok, np.full(len(tok), n), np.full(len(tok), mu[n])),
+             "null": probes.add(np.repeat(tok, len(nulls)), np.tile(nulls, len(tok)), null_vals),
+             # the same change of the neuron as at the matched claim token: the same vector added to the residual
+             "tokennull": probes.add(strata[filled], np.full(int(filled.sum()), n),
+                                     acts[strata[filled], n] + change[filled]),
+             "null_vals": null_vals, "more": ranked[cfg.n_nulls :]}
+        work[i] = w
+    eff = _run(engine, layer, probes, clean)
+    # sequential nulls: a claim that beats every first-stage null gets the next ones, so that p can go below
+    # 1/(n_nulls + 1); p = (1 + #nulls >= claim) / (n + 1) over all nulls run (Besag & Clifford style)
+    more = _Probes()
+    for w in work.values():
+        own = eff[w["own"]].mean()
+        first = eff[w["null"]].reshape(len(w["tok"]), len(w["nulls"])).mean(0)
+        if len(w["more"]) and not np.any(first >= own):
+            vals = N.null_values(acts[w["tok"]], mu, wn, w["delta"], w["more"])
+            w["more_slice"] = more.add(np.repeat(w["tok"], len(w["more"])), np.tile(w["more"], len(w["tok"])), vals)
+            w["more_vals"] = vals
+    eff_more = _run(engine, layer, more, clean)
+    for w in work.values():
+        null_eff = eff[w["null"]].reshape(len(w["tok"]), len(w["nulls"]))
+        if "more_slice" in w:
+            extra = eff_more[w["more_slice"]].reshape(len(w["tok"]), len(w["more"]))
+            null_eff = np.concatenate([null_eff, extra], 1)
+            w["nulls"] = np.concatenate([w["nulls"], w["more"]])
+            w["null_vals"] = np.concatenate([w["null_vals"], w["more_vals"]], 1)
+        w["null_eff"] = null_eff
+    grads = None
+    if cfg.attribution and work:
+        union = np.unique(np.concatenate([w["tok"] for w in work.values()]))
+        g = engine.gradients(layer, union).numpy().astype(np.float64)  # [u, d]
+        grads = (union, g)
+    for i, c in claims:
+        if i not in work:
+            continue
+        w = work[i]
+        n, tok, delta = c.neuron, w["tok"], w["delta"]
+        own = eff[w["own"]]
+        null_eff = w["null_eff"]  # [c, J]
+        strata = w["strata"]
+        tn, tn_size = np.full(strata.shape, np.nan), np.full(strata.shape, np.nan)
+        tn[strata >= 0] = eff[w["tokennull"]]
+        tn_size[strata >= 0] = np.repeat(delta[:, None], strata.shape[1], 1)[strata >= 0]
+        effect = float(own.mean())
+        null_means = null_eff.mean(0)
+        p_neuron = N.rank_p(effect, null_means)
+        p_token, draws = N.stratified_p(own, delta, tn, tn_size, cfg.n_draws, _stable_rng(cfg.seed, "tokens", *_seed_key(c)))
+        per_unit_tn = np.nansum(tn) / np.nansum(tn_size) if np.nansum(tn_size) > N.TINY else np.nan
+        row = _row(c, verified_on, **w["info"], n_nulls=len(w["nulls"]), perturbation=float(delta.mean()),
+                   causal_effect=effect, causal_per_unit=effect / float(delta.mean()),
+                   null_neuron_mean=float(null_means.mean()) if len(null_means) else np.nan,
+                   null_neuron_sd=float(null_means.std(ddof=1)) if len(null_means) > 1 else np.nan,
+                   p_neuron=p_neuron, token_null_mean=float(np.nanmean(tn)) if np.isfinite(tn).any() else np.nan,
+                   token_null_per_unit=float(per_unit_tn), p_token=p_token, p_value=max(p_neuron, p_token))
+        if grads is not None:
+            union, g = grads
+            at = np.searchsorted(union, tok)
+            gt = g[at]  # [c, d]
+            attr_own = gt[:, n] * (mu[n] - acts[tok, n])
+            attr_null = gt[:, w["nulls"]] * (w["null_vals"] - acts[tok][:, w["nulls"]])
+            pairs.append(np.stack([np.concatenate([own, null_eff.reshape(-1)]),
+                                   np.concatenate([attr_own, attr_null.reshape(-1)])]))
+            # the screen: every neuron of the layer mean-ablated at these tokens, per unit of perturbation
+            all_attr = (gt * (mu[None, :] - acts[tok])).sum(0)
+            all_size = (np.abs(mu[None, :] - acts[tok]) * wn[None, :]).sum(0)
+            per_unit = np.where(all_size > N.TINY, all_attr / np.maximum(all_size, N.TINY), np.nan)
+            row["attribution_effect"] = float(attr_own.mean())
+            row["attribution_p"] = N.rank_p(float(per_unit[n]), np.delete(per_unit, n))
+        rows[i] = row
+    if cfg.steer and work:
+        before = engine.seconds["probes"]
+        t0 = time.perf_counter()
+        _steer_layer(engine, matcher, layer, claims, work, rows, acts, mu, cfg, lexicon_words)
+        engine.seconds["probes"] = before  # steering probes are counted as steering
+        engine.seconds["steering"] = engine.seconds.get("steering", 0.0) + time.perf_counter() - t0
+    return rows
+
+
+def _steer_layer(engine: AblationEngine, matcher: TokenMatcher, layer: int, claims: list[tuple[int, Claim]],
+                 work: dict[int, Any], rows: dict[int, dict[str, Any]], acts: np.ndarray, mu: np.ndarray,
+                 cfg: VerifyConfig, lexicon_words: dict[str, list[str]]) -> None:
+    """Run the steering check (:mod:`neuronhunter.causal.steering`) for the tested claims of a layer."""
+    import torch
+
+    rng = _stable_rng(cfg.seed, "steer", layer)
+    pos = np.sort(rng.choice(len(acts), size=min(cfg.steer_tokens, len(acts)), replace=False))
+    clean: dict[str, Any] = {}
+
+    def keep_clean(idx: np.ndarray, logp: torch.Tensor) -> None:
+        clean.setdefault("parts", []).append((idx, logp))
+
+    engine.run(layer, pos, np.full(len(pos), -1), np.zeros(len(pos)), readout=keep_clean)
+    order = np.concatenate([i for i, _ in clean["parts"]])
+    clean_logp = torch.cat([lp for _, lp in clean["parts"]])[torch.as_tensor(np.argsort(order))]  # [P, vocab]
+    ranked, rank = S.clean_ranking(clean_logp)
+    tested = [(i, c) for i, c in claims if i in work]
+    tests: dict[int, list[S.SteerTest]] = {}
+    probes = _Probes()
+    where: dict[int, slice] = {}
+    for i, c in tested:
+        crng = _stable_rng(cfg.seed, "steer-sets", *_seed_key(c))
+        predictions = [("logit", _logit_prediction(engine.model, layer, c.neuron, c.sign, cfg.steer_top_k)),
+                       ("claim", matcher.vocabulary(c, lexicon_words))]
+        tests[i] = [S.SteerTest(name, np.concatenate([pred[None, :], S.matched_sets(
+            pred, rank, ranked, cfg.steer_sets, cfg.steer_match_window, crng)]))
+            for name, pred in predictions if len(pred)]
+        q = S.high_quantile(acts[:, c.neuron], float(mu[c.neuron]), c.sign, cfg.steer_quantile)
+        where[i] = probes.add(pos, np.full(len(pos), c.neuron), acts[pos, c.neuron] + c.sign * q)
+        rows[i]["steer_amount"] = q
+    tok, unit, val = probes.arrays()
+    owner = np.empty(len(tok), dtype=np.int64)
+    for i, sl in where.items():
+        owner[sl] = i
+    steered: dict[int, dict[str, np.ndarray]] = {i: {t.name: np.zeros((len(pos), len(t.sets))) for t in tests[i]}
+                                                 for i in where}
+
+    def read(idx: np.ndarray, logp: torch.Tensor) -> None:
+        for i in np.unique(owner[idx]):
+            sel = np.flatnonzero(owner[idx] == i)
+            at = idx[sel] - where[int(i)].start  # position index within the claim's probes
+            for t in tests[int(i)]:
+                steered[int(i)][t.name][at] = S.set_logp(logp[torch.as_tensor(sel)], t.sets).double().numpy()
+
+    engine.run(layer, tok, unit, val, readout=read)
+    for i, _ in tested:
+        for t in tests[i]:
+            base = S.set_logp(clean_logp, t.sets).double().numpy()
+            effect, p = S.steer_statistics(steered[i][t.name], base)
+            key = "steer" if t.name == "logit" else "steer_claim"
+            rows[i][f"{key}_effect"], rows[i][f"{key}_p"] = effect, p
+
+
+# ------------------------------------------------------------------------------------------------ all claims
+def verify_claims(model: HookedModel, batches: Sequence[Any], claims: Sequence[Claim], categories: Sequence[str],
+                  config: VerifyConfig | None = None, *, verified_on: str = "heldout",
+                  lexicon_words: dict[str, list[str]] | None = None,
+                  progress: Callable[[int], None] | None = None,
+                  on_layer: Callable[[int, Any], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Test ``claims`` on ``batches`` (labelled TokenBatches of the verification corpus; see the module docstring).
 
     Args:
-        batches: labelled TokenBatches (the label columns are ``categories``).
-        candidates: a DataFrame with ``layer, neuron, verdict, claimed`` (see :func:`select_candidates`).
+        categories: the names of the batches' label columns.
+        lexicon_words: words per category (the steering check's claim token set).
+        progress: called with the number of claims done, after each layer.
+        on_layer: called after each layer with ``(layer, its rows as a DataFrame)`` (p-values, no q-values yet):
+            long runs can keep what is done.
 
     Returns:
-        a DataFrame, one row per candidate: ``layer, neuron, verdict, top_category, claimed, n_category_tokens,
-        delta_category, delta_other, causal_effect, baseline_mean, baseline_std, causal_z, causally_confirmed``.
+        ``(details DataFrame, summary dict)``; the details have one row per claim, in the order given.
     """
     import pandas as pd
 
     cfg = config or VerifyConfig()
-    cfg.check()
-    tokens = TokenTable.from_batches(batches)
-    if tokens.labels_input is None:
-        raise ConfigError("verification needs concept-labelled tokens")
-    cats = list(categories)
-    layers = sorted({int(x) for x in candidates.layer})
-    model.check_layers(layers)
-    for L, n in zip(candidates.layer, candidates.neuron, strict=True):
-        if not 0 <= int(n) < model.d_mlp:
-            raise ConfigError(f"neuron {L}.{n} is out of range for {model.name} (d_mlp {model.d_mlp})")
-    means = None
-    if cfg.method == "mean" and layers:
-        means = reference_means(model, [Site(L, "mlp.hook_post") for L in layers], batches)
-
-    def deltas(neurons: list[tuple[int, int]]) -> np.ndarray:
-        make = ablation_factory(model, neurons=neurons, method=cfg.method, means=means)
-        return corpus_losses(model, batches, make) - clean
-
-    clean = corpus_losses(model, batches)
-    rng = np.random.default_rng(cfg.seed)
-    chosen = {(int(a), int(b)) for a, b in zip(candidates.layer, candidates.neuron, strict=True)}
-    random_deltas: dict[int, list[np.ndarray]] = {}
-    for L in layers:
-        pool = np.array([n for n in range(model.d_mlp) if (L, n) not in chosen])
-        picks = rng.choice(pool, size=min(cfg.n_random, len(pool)), replace=False)
-        random_deltas[L] = []
-        for n in picks:
-            random_deltas[L].append(deltas([(L, int(n))]))
-            if progress is not None:
-                progress()
-    own: dict[tuple[int, int], np.ndarray] = {}
-    rows = []
-    for r in candidates.itertuples(index=False):
-        unit = (int(r.layer), int(r.neuron))
-        if unit not in own:
-            own[unit] = deltas([unit])
-            if progress is not None:
-                progress()
-        claimed = [c for c in _as_list(r.claimed) if c in cats]
-        unknown = [c for c in _as_list(r.claimed) if c not in cats]
-        if unknown:
-            log.warning("neuron %d.%d: categories %s are not labelled in this corpus", *unit, unknown)
-        mask = tokens.category_mask([cats.index(c) for c in claimed], cfg.align) if claimed else np.zeros(len(tokens), bool)
-        d = own[unit]
-        effect = _effect(d, mask)
-        base = np.array([_effect(x, mask) for x in random_deltas[unit[0]]])
-        base = base[np.isfinite(base)]
-        b_mean = float(base.mean()) if len(base) else float("nan")
-        b_std = float(base.std(ddof=1)) if len(base) > 1 else float("nan")
-        z = (effect - b_mean) / max(b_std, 1e-9) if np.isfinite(effect) and np.isfinite(b_std) else float("nan")
-        b_max = float(base.max()) if len(base) else float("nan")
-        confirmed = bool(np.isfinite(z) and effect > 0 and z >= cfg.z_threshold and effect > b_max
-                         and mask.sum() >= cfg.min_tokens)
-        rows.append({"layer": unit[0], "neuron": unit[1], "verdict": r.verdict,
-                     "top_category": getattr(r, "top_category", claimed[0] if claimed else None),
-                     "claimed": _as_list(r.claimed), "n_category_tokens": int(mask.sum()),
-                     "delta_category": float(d[mask].mean()) if mask.any() else float("nan"),
-                     "delta_other": float(d[~mask].mean()) if (~mask).any() else float("nan"),
-                     "delta_all": float(d.mean()), "causal_effect": effect, "baseline_mean": b_mean,
-                     "baseline_std": b_std, "baseline_max": b_max, "causal_z": float(z),
-                     "causally_confirmed": confirmed})
-    return pd.DataFrame(rows)
+    t0 = time.perf_counter()
+    claims = list(claims)
+    if not claims:
+        raise ConfigError("no claims to verify")
+    for c in claims:
+        if not 0 <= c.layer < model.n_layers:
+            raise ConfigError(f"claim {c.layer}:{c.neuron}: layer out of range ({model.name} has layers "
+                              f"0..{model.n_layers - 1})")
+        if not 0 <= c.neuron < model.d_mlp:
+            raise ConfigError(f"claim {c.layer}:{c.neuron}: neuron out of range ({model.name} has neurons "
+                              f"0..{model.d_mlp - 1} per layer)")
+    engine = AblationEngine(model, batches, batch_tokens=cfg.batch_tokens)
+    t = engine.tokens
+    matcher = TokenMatcher(model.tokenizer, categories, t.input_ids, t.labels, t.prev_ids, t.prev_labels)
+    masks = {i: matcher.mask(c) for i, c in enumerate(claims)}
+    by_layer: dict[int, list[tuple[int, Claim]]] = {}
+    for i, c in enumerate(claims):
+        by_layer.setdefault(c.layer, []).append((i, c))
+    rows: dict[int, dict[str, Any]] = {}
+    pairs: list[np.ndarray] = []
+    for layer in sorted(by_layer):
+        done = _layer(engine, matcher, layer, by_layer[layer], masks, cfg, verified_on, lexicon_words or {}, pairs)
+        rows.update(done)
+        if on_layer is not None:
+            on_layer(layer, pd.DataFrame([done[i] for i, _ in by_layer[layer]]))
+        log.info("layer %d: %d claims verified (%.0f s so far)", layer, len(by_layer[layer]),
+                 time.perf_counter() - t0)
+        if progress is not None:
+            progress(len(by_layer[layer]))
+    df = pd.DataFrame([rows[i] for i in range(len(claims))])
+    tested = df.p_value.notna().to_numpy()
+    q = np.full(len(df), np.nan)
+    q[tested] = N.bh_qvalues(df.p_value.to_numpy()[tested])
+    df["q_value"] = q
+    df["causally_confirmed"] = tested & (np.nan_to_num(q, nan=1.0) <= cfg.alpha)
+    steered = df.steer_p.notna().to_numpy()
+    sq = np.full(len(df), np.nan)
+    sq[steered] = N.bh_qvalues(df.steer_p.to_numpy()[steered])
+    df["steer_q"] = sq
+    df["steering_confirmed"] = steered & (np.nan_to_num(sq, nan=1.0) <= cfg.alpha)
+    summary = summarise(df, cfg)
+    summary.update(n_tokens=len(t), n_windows=t.n_windows, n_documents=int(len(np.unique(t.doc_ids))),
+                   seconds=round(time.perf_counter() - t0, 1), probes=engine.n_probes, positions=engine.n_positions,
+                   seconds_by_stage={k: round(v, 1) for k, v in engine.seconds.items()},
+                   attribution_vs_exact=_correlation(pairs))
+    return df, summary
 
 
-def summarise(results: Any, config: VerifyConfig | None = None) -> dict[str, Any]:
-    """How many claims per verdict (and category) were tested and confirmed."""
-    out: dict[str, Any] = {"config": asdict(config) if config else None, "by_verdict": {}, "by_category": {}}
-    for verdict, g in results.groupby("verdict"):
-        out["by_verdict"][str(verdict)] = {"tested": int(len(g)), "confirmed": int(g.causally_confirmed.sum())}
-    for cat, g in results.groupby("top_category"):
-        out["by_category"][str(cat)] = {"tested": int(len(g)), "confirmed": int(g.causally_confirmed.sum())}
-    out["tested"] = int(len(results))
-    out["confirmed"] = int(results.causally_confirmed.sum()) if len(results) else 0
-    return out
+def _correlation(pairs: list[np.ndarray]) -> dict[str, Any]:
+    """Pearson and Spearman correlation of attribution estimates with exact single-token effects."""
+    if not pairs:
+        return {"n": 0}
+    x = np.concatenate(pairs, 1)
+    ok = np.isfinite(x).all(0)
+    exact, attr = x[0, ok], x[1, ok]
+    if len(exact) < 3 or exact.std() == 0 or attr.std() == 0:
+        return {"n": int(len(exact))}
+    rank = lambda v: np.argsort(np.argsort(v, kind="stable"), kind="stable")  # noqa: E731
+    return {"n": int(len(exact)), "pearson": float(np.corrcoef(exact, attr)[0, 1]),
+            "spearman": float(np.corrcoef(rank(exact), rank(attr))[0, 1]),
+            "sign_agreement": float(np.mean(np.sign(exact) == np.sign(attr)))}
+
+
+def summarise(df: Any, cfg: VerifyConfig) -> dict[str, Any]:
+    """Counts per source/verdict: claims, tested, confirmed; effect sizes of tested and confirmed claims."""
+    tested = df[df.p_value.notna()]
+
+    def counts(g: Any) -> dict[str, Any]:
+        t = g[g.p_value.notna()]
+        return {"claims": int(len(g)), "tested": int(len(t)), "confirmed": int(g.causally_confirmed.sum()),
+                "steering_confirmed": int(g.steering_confirmed.sum())}
+
+    groups = df.assign(group=[v if isinstance(v, str) and v else s for v, s in zip(df.verdict, df.source,
+                                                                                     strict=True)])
+    return {"config": cfg.model_dump(mode="json"), **counts(df),
+            "by_group": {str(k): counts(g) for k, g in groups.groupby("group")},
+            "not_tested": {str(k): int(v) for k, v in df[df.p_value.isna()].status.value_counts().items()},
+            "median_effect": float(tested.causal_effect.median()) if len(tested) else None,
+            "median_effect_confirmed": float(tested[tested.causally_confirmed].causal_effect.median())
+            if tested.causally_confirmed.any() else None,
+            "median_null_effect": float(tested.null_neuron_mean.median()) if len(tested) else None}
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def run_settings(run: str | Path) -> dict[str, Any]:
+    """Model, corpus, windowing, lexicon and document split of a run folder (``config.json``, ``manifest.json``)."""
+    from ..io import read_json, require_run
+
+    run = require_run(run)
+    cfg = read_json(run / "config.json") if (run / "config.json").exists() else {}
+    manifest = read_json(run / "manifest.json") if (run / "manifest.json").exists() else {}
+    lexicon = read_json(run / "lexicon.json") if (run / "lexicon.json").exists() else None
+    if lexicon is None and cfg.get("categories"):
+        lexicon = {"categories": cfg["categories"]}
+    corpus_info = manifest.get("corpus") if isinstance(manifest.get("corpus"), dict) else {}
+    split = corpus_info.get("split") or {"side": cfg.get("split", "all"),
+                                         "heldout_fraction": cfg.get("heldout_fraction", 0.3),
+                                         "seed": cfg.get("split_seed", 0)}
+    return {"model": cfg.get("model") or "smollm2-135m", "corpus": cfg.get("corpus"),
+            "context_length": int(cfg.get("context_length") or 128), "prepend_bos": bool(cfg.get("prepend_bos", True)),
+            "lexicon": lexicon or cfg.get("categories_file") or cfg.get("concepts"),
+            "labeller_options": {"last_token_only": bool(cfg.get("label_last_token_only", False)),
+                                 "case_sensitive": bool(cfg.get("case_sensitive", False))},
+            "split": split}
+
+
+def verification_documents(settings: dict[str, Any], corpus: Any = None) -> tuple[list[Any], str, dict[str, Any]]:
+    """The documents to verify on and what they are: the held-out side of the run's split, or all of ``corpus``.
+
+    Returns:
+        ``(documents, verified_on, description)``.
+    """
+    from ..data.corpus import Corpus
+    from ..data.split import DocumentSplit
+
+    if corpus is not None:
+        if isinstance(corpus, list):
+            return corpus, "corpus:given", {"corpus": "given documents", "documents": len(corpus)}
+        docs = list(Corpus(corpus))
+        return docs, f"corpus:{corpus}", {"corpus": str(corpus), "documents": len(docs)}
+    split = settings.get("split") or {}
+    if split.get("side") != "train":
+        raise ConfigError(f"the run scanned {split.get('side', 'all')!r} documents, so it has no held-out side to "
+                          "verify on; give a second corpus with --corpus, or hunt with --split train")
+    ds = DocumentSplit(float(split.get("heldout_fraction", 0.3)), int(split.get("seed", 0)))
+    spec = settings.get("corpus")
+    docs = list(ds.select(Corpus(spec), "heldout"))
+    if not docs:
+        raise ConfigError(f"the held-out side of {spec or 'the default corpus'} has no documents")
+    return docs, "heldout", {"corpus": spec or "default", "split": ds.manifest("heldout"), "documents": len(docs)}
 
 
 def update_neurons_table(run: Path, results: Any) -> Path:
-    """Add ``causal_effect``, ``causal_z`` and ``causally_confirmed`` to ``RUN/neurons.parquet`` (atomically)."""
+    """Put the hunt claims' results into ``RUN/neurons.parquet`` as :data:`NEURON_COLUMNS` (replacing earlier ones;
+    untested neurons get NaN / False / null)."""
     from ..io import read_table, write_table
 
     neurons = read_table(run / "neurons.parquet")
-    neurons = neurons.drop(columns=[c for c in ("causal_effect", "causal_z", "causally_confirmed")
-                                    if c in neurons.columns])
-    res = results.drop_duplicates(["layer", "neuron"])[["layer", "neuron", "causal_effect", "causal_z",
-                                                        "causally_confirmed"]]
+    neurons = neurons.drop(columns=[c for c in (*NEURON_COLUMNS, *_OLD_NEURON_COLUMNS) if c in neurons.columns])
+    hunt = results[results.source == "hunt"].drop_duplicates(["layer", "neuron"])
+    res = hunt[["layer", "neuron", "causal_effect", "causal_per_unit", "p_value", "q_value", "causally_confirmed",
+                "verified_on"]].rename(columns={"p_value": "causal_p", "q_value": "causal_q"})
     merged = neurons.merge(res, how="left", on=["layer", "neuron"])
     merged["causally_confirmed"] = merged["causally_confirmed"].astype("boolean").fillna(False).astype(bool)
     formats = ("parquet", "csv") if (run / "neurons.csv").exists() else ("parquet",)
@@ -245,51 +499,86 @@ def update_neurons_table(run: Path, results: Any) -> Path:
     return run / "neurons.parquet"
 
 
-def verify_run(run: str | Path, model: HookedModel | None = None, config: VerifyConfig | None = None, *,
-               corpus: Any = None, labeller: Any = None, progress_total: Callable[[int], None] | None = None,
-               progress: Callable[[], None] | None = None) -> tuple[Any, dict[str, Any]]:
-    """Verify a hunt run folder and write the results into it (module docstring).
+def write_outputs(folder: Path, results: Any, summary: dict[str, Any]) -> None:
+    """``claims.parquet``, ``verification.parquet`` and ``verification.json`` in ``folder``."""
+    from ..io import write_json, write_table
+
+    write_table(results[CLAIM_COLUMNS], folder / "claims")
+    write_table(results, folder / "verification")
+    write_json(folder / "verification.json", summary)
+
+
+def collect_claims(run: str | Path | None, config: VerifyConfig, claims: Sequence[Claim] = ()
+                   ) -> tuple[list[Claim], dict[str, Any]]:
+    """The claims to test (the run's, unless ``config.hunt`` is off, then ``claims``; each once) and the run's
+    settings (:func:`run_settings`; defaults without a run). Raises a ConfigError when there is nothing to test."""
+    from ..io import read_table, require_run
+    from .claims import dedupe
+
+    if run is None:
+        settings = {"model": "smollm2-135m", "corpus": None, "context_length": 128, "prepend_bos": True,
+                    "lexicon": None, "labeller_options": {}, "split": {}}
+        found: list[Claim] = []
+    else:
+        run = require_run(run, "neurons.parquet")
+        settings = run_settings(run)
+        found = hunt_claims(read_table(run / "neurons.parquet"), config.verdicts) if config.hunt else []
+    out = dedupe([*found, *claims])
+    if not out:
+        where = f"{run} has no claims with verdicts {', '.join(config.verdicts)}" if run else "no claims"
+        raise ConfigError(f"{where}; give --claim to test your own")
+    return out, settings
+
+
+def verify_run(run: str | Path | None, model: HookedModel | None = None, config: VerifyConfig | None = None, *,
+               claims: Sequence[Claim] = (), corpus: Any = None, labeller: Any = None, out: str | Path | None = None,
+               progress_total: Callable[[int], None] | None = None,
+               progress: Callable[[int], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Verify a run's claims (and ``claims`` given by hand) and write the results (module docstring).
 
     Args:
+        run: a hunt (or scan) run folder; None to verify hand-given claims on ``corpus`` alone (needs ``out``).
         model: the loaded model (default: the run's model).
-        corpus: a corpus spec overriding the run's corpus.
-        labeller: a TokenLabeller overriding the run's concept categories.
-        progress_total: called once with the number of ablations, before they start.
+        claims: extra claims.
+        corpus: a second corpus (spec or list of documents) instead of the run's held-out documents.
+        labeller: a concept labeller (default: the run's lexicon).
+        out: write here instead of into the run (the run's neurons table is then left alone).
+        progress_total: called once with the number of claims (``progress`` counts claims done).
 
     Returns:
-        ``(results DataFrame, summary dict)``.
+        ``(details DataFrame, summary dict)``.
     """
-    from ..io import read_table, require_run, write_json, write_table
     from ..models import load_model
     from ..runfolder import updating
     from .interventions import corpus_batches, load_concept_labeller
 
     cfg = config or VerifyConfig()
-    cfg.check()
-    run = require_run(run, "neurons.parquet")
-    settings = run_settings(run)
-    neurons = read_table(run / "neurons.parquet")
-    concepts = read_table(run / "concepts.parquet") if (run / "concepts.parquet").exists() else None
-    candidates = select_candidates(neurons, top_k=cfg.top_k, verdicts=cfg.verdicts, concepts=concepts,
-                                   categories=cfg.categories)
-    if candidates.empty:
-        raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)} to verify")
+    if run is None and out is None:
+        raise ConfigError("without a run folder, verify needs --claim, --corpus and --out")
+    all_claims, settings = collect_claims(run, cfg, claims)
+    docs, verified_on, data = verification_documents(settings, corpus)
     model = model or load_model(settings["model"])
     labeller = labeller or load_concept_labeller(settings["lexicon"], **settings["labeller_options"])
-    batches = corpus_batches(model, corpus if corpus is not None else settings["corpus"],
-                             context_length=settings["context_length"], max_tokens=cfg.max_tokens,
-                             batch_size=cfg.batch_size, prepend_bos=settings["prepend_bos"], labeller=labeller)
+    batches = corpus_batches(model, docs, context_length=settings["context_length"], max_tokens=cfg.max_tokens,
+                             batch_size=16, prepend_bos=settings["prepend_bos"], labeller=labeller)
     if progress_total is not None:
-        n_layers = candidates.layer.nunique()
-        n_units = len(candidates[["layer", "neuron"]].drop_duplicates())
-        progress_total(n_units + n_layers * cfg.n_random)
-    results = verify_neurons(model, batches, labeller.categories, candidates, cfg, progress=progress)
-    summary = summarise(results, cfg)
-    summary["n_tokens"] = sum(n_counted(b.attention_mask) for b in batches)
-    summary["run"] = str(run)
-    with updating(run) as manifest:  # the run reads as incomplete while its neurons table is rewritten
-        write_table(results, run / "verification", formats=("parquet", "csv"))
+        progress_total(len(all_claims))
+    words = {name: list(spec.words) for name, spec in getattr(getattr(labeller, "lexicon", None), "categories",
+                                                                {}).items()}
+    results, summary = verify_claims(model, batches, all_claims, labeller.categories, cfg, verified_on=verified_on,
+                                     lexicon_words=words, progress=progress)
+    summary.update(run=str(run) if run is not None else None, verified_on=verified_on, data=data,
+                   model=settings["model"] if run is not None else model.name)
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_outputs(folder, results, summary)
+        return results, summary
+    assert run is not None
+    with updating(run) as manifest:  # the run reads as incomplete while its tables are rewritten
+        write_outputs(run, results, summary)
         update_neurons_table(run, results)
-        write_json(run / "verification.json", summary)
-        manifest["verification"] = {"tested": summary["tested"], "confirmed": summary["confirmed"]}
+        manifest["verification"] = {"claims": summary["claims"], "tested": summary["tested"],
+                                    "confirmed": summary["confirmed"], "verified_on": verified_on,
+                                    "alpha": cfg.alpha}
     return results, summary

@@ -66,6 +66,33 @@ def _fmt(x: float, digits: int = 4) -> str:
     return "nan" if x != x else f"{x:.{digits}f}"
 
 
+def _print_verification(results: Any, summary: dict[str, Any], alpha: float) -> None:
+    from rich.table import Table
+
+    data = summary.get("data", {})
+    console.print(f"[bold]Causal verification[/] on {summary['verified_on']} ({data.get('documents', '?')} documents, "
+                  f"{summary['n_tokens']:,} tokens), {summary['seconds']:.0f} s: {summary['confirmed']} of "
+                  f"{summary['tested']} tested claims confirmed at q ≤ {alpha} ({summary['claims']} claims)")
+    for group, v in summary["by_group"].items():
+        console.print(f"  {group}: {v['confirmed']} of {v['tested']} tested confirmed ({v['claims']} claims; "
+                      f"steering confirmed {v['steering_confirmed']})")
+    for status, n in summary["not_tested"].items():
+        console.print(f"  not tested: {n} ({status})")
+    corr = summary.get("attribution_vs_exact") or {}
+    if corr.get("pearson") is not None:
+        console.print(f"  attribution patching vs exact ablation: Pearson {corr['pearson']:.3f}, Spearman "
+                      f"{corr['spearman']:.3f} over {corr['n']:,} interventions")
+    tested = results[results.p_value.notna()].sort_values(["q_value", "causal_effect"], ascending=[True, False])
+    t = Table(title="Claims (best first; at most 25)")
+    for col in ("neuron", "claim", "tokens", "effect", "per unit", "nulls", "p", "q", "confirmed", "steer p"):
+        t.add_column(col, justify="right", overflow="ellipsis", max_width=30)
+    for r in tested.head(25).itertuples():
+        t.add_row(f"{r.layer}.{r.neuron}{r.direction}", r.claim, str(r.n_tokens), _fmt(r.causal_effect, 5),
+                  _fmt(r.causal_per_unit, 4), f"{_fmt(r.null_neuron_mean, 5)} ({r.n_nulls})", _fmt(r.p_value, 4),
+                  _fmt(r.q_value, 4), "[green]yes[/]" if r.causally_confirmed else "no", _fmt(r.steer_p, 3))
+    console.print(t)
+
+
 # ------------------------------------------------------------------------------------------------ commands
 def register(app: typer.Typer) -> None:
     """Add this module's commands to app."""
@@ -146,69 +173,76 @@ def register(app: typer.Typer) -> None:
 
     @app.command("verify")
     def verify(
-        run: str = typer.Argument(..., help="A hunt run folder (neurons.parquet with verdicts)"),
-        top_k: int = typer.Option(3, help="Neurons per (verdict, category) to test"),
-        verdicts: str = typer.Option("monosemantic,polysemantic", help="Verdicts whose claims are tested"),
-        categories: str = typer.Option(None, help="Only claims whose top category is one of these, e.g. "
-                                       "'animal,color' [default: all]"),
-        n_random: int = typer.Option(5, help="Random same-layer neurons for the baseline"),
-        method: str = typer.Option("mean", help="Ablation: zero, mean or resample"),
-        align: str = typer.Option("input", help="Category tokens by input token, target token or either"),
-        z: float = typer.Option(2.0, "--z", help="Confirmed when the effect is this many baseline stds above"),
-        min_tokens: int = typer.Option(5, help="Category tokens needed to confirm a claim"),
-        max_tokens: int = typer.Option(2048, help="Corpus tokens per ablation pass"),
-        batch_size: int = typer.Option(8),
+        run: str = typer.Argument(None, help="A hunt run folder (its claims, model, corpus split and lexicon); "
+                                  "optional with --claim, --corpus and --out"),
+        claim: list[str] = typer.Option(None, "--claim", help="A claim to test, LAYER:NEURON[+|-]=WHAT with WHAT a "
+                                        "category list (color / color,food), tokens:red|blue or explanation[:KIND]; "
+                                        "repeatable"),
+        claims_file: str = typer.Option(None, "--claims", help="A file of claims: one --claim spec per line, or a "
+                                        "CSV/Parquet/JSONL table with layer, neuron, claim[, direction]"),
+        hunt: bool = typer.Option(True, "--hunt/--no-hunt", help="Also test the run's own claims"),
+        verdicts: str = typer.Option(None, help="Hunt verdicts whose claims are tested [default: "
+                                     "monosemantic,polysemantic]"),
+        corpus: str = typer.Option(None, "--corpus", "-c", help="Verify on this corpus instead of the held-out "
+                                   "documents of the run's corpus"),
+        n_nulls: int = typer.Option(None, help="Matched null neurons per claim [default: 50]"),
+        max_nulls: int = typer.Option(None, help="Null neurons for claims that beat the first --n-nulls "
+                                      "[default: 200]"),
+        max_claim_tokens: int = typer.Option(None, help="Held-out tokens tested per claim, a seeded sample "
+                                             "[default: 24]"),
+        min_tokens: int = typer.Option(None, help="Claims with fewer held-out tokens are not tested [default: 3]"),
+        alpha: float = typer.Option(None, help="Confirmed when the Benjamini-Hochberg q-value is at most this "
+                                    "[default: 0.05]"),
+        steer: bool = typer.Option(None, "--steer/--no-steer", help="Run the steering check [default: yes]"),
+        attribution: bool = typer.Option(None, "--attribution/--no-attribution", help="Attribution-patching "
+                                         "screen and its correlation with exact effects [default: yes]"),
+        max_tokens: int = typer.Option(None, help="Verification corpus tokens [default: 32768]"),
+        config: str = typer.Option(None, "--config", help="YAML/JSON file with any VerifyConfig setting"),
         model: str = typer.Option(None, "--model", "-m", help="Model [default: the run's model]"),
-        corpus: str = typer.Option(None, "--corpus", "-c", help="Corpus [default: the run's corpus]"),
         concepts: str = typer.Option(None, help="Concept lexicon [default: the run's]"),
-        seed: int = typer.Option(0),
+        out: str = typer.Option(None, "--out", "-o", help="Write claims.parquet etc. here instead of into the run "
+                                "(the run is then left unchanged)"),
+        seed: int = typer.Option(None, help="Seed of token samples and permutation draws [default: 0]"),
         device: str = typer.Option("cpu"),
     ) -> None:
-        """Causally test the hunt's monosemantic/polysemantic claims; adds causal columns to neurons.parquet."""
+        """Test claims causally: held-out tokens, matched nulls, BH q-values, steering; writes claims.parquet."""
+        from ..causal.claims import parse_claim, read_claims_file
         from ..causal.interventions import load_concept_labeller
-        from ..causal.verification import VerifyConfig, verify_run
-        from ..io import require_run
+        from ..causal.verification import VerifyConfig, collect_claims, verification_documents, verify_run
+        from ..config import load_config
+        from ..io import read_table, require_run
         from ..report.figures_verify import verification_figure
 
-        require_run(run, "neurons.parquet")
-        from ..causal.verification import select_candidates
-        from ..io import read_table
-
-        cfg = VerifyConfig(top_k=top_k, verdicts=tuple(v.strip() for v in verdicts.split(",") if v.strip()),
-                           n_random=n_random, method=method, align=align, z_threshold=z, min_tokens=min_tokens,
-                           max_tokens=max_tokens, batch_size=batch_size, seed=seed,
-                           categories=tuple(c.strip() for c in categories.split(",")) if categories else None)
-        cfg.check()
-        if select_candidates(read_table(Path(run) / "neurons.parquet"), top_k=top_k, verdicts=cfg.verdicts,
-                             categories=cfg.categories).empty:
-            raise ConfigError(f"{run} has no neurons with verdicts {', '.join(cfg.verdicts)}"
-                              + (f" and top category {categories}" if categories else "") + " to verify")
-        s = resolve_run(run, model, corpus)
+        if run is not None:
+            require_run(run, "neurons.parquet")
+        explanations = None
+        if run is not None and (Path(run) / "explanations.parquet").exists():
+            explanations = read_table(Path(run) / "explanations.parquet")
+        given = [parse_claim(c, explanations=explanations) for c in claim or []]
+        if claims_file:
+            given += read_claims_file(claims_file, explanations=explanations)
+        cfg = load_config(VerifyConfig, config,
+                          verdicts=[v.strip() for v in verdicts.split(",") if v.strip()] if verdicts else None,
+                          hunt=hunt and run is not None, n_nulls=n_nulls, max_nulls=max_nulls,
+                          max_claim_tokens=max_claim_tokens, min_tokens=min_tokens, alpha=alpha, steer=steer,
+                          attribution=attribution, max_tokens=max_tokens, seed=seed)
+        if run is None and not (given and corpus and out):
+            raise ConfigError("give a hunt run folder, or --claim with --corpus and --out")
+        _, settings = collect_claims(run, cfg, given)  # bad input fails here, before the model loads
+        verification_documents(settings, corpus)
+        s = resolve_run(run, model, None)
         m = load(s["model"], device)
         labeller = load_concept_labeller(concepts or s["lexicon"], **s["labeller_options"])
         with progress_bar() as progress:
-            task = progress.add_task("ablation passes", total=None)
-            results, summary = verify_run(run, m, cfg, corpus=s["corpus"], labeller=labeller,
+            task = progress.add_task("claims", total=None)
+            results, summary = verify_run(run, m, cfg, claims=given, corpus=corpus, labeller=labeller, out=out,
                                           progress_total=lambda n: progress.update(task, total=n),
-                                          progress=lambda: progress.advance(task))
-        write_html(verification_figure(results), Path(run) / "verification.html")
-
-        from rich.table import Table
-
-        t = Table(title=f"Causal verification ({method} ablation, {summary['n_tokens']:,} tokens, "
-                        f"{n_random} random neurons per layer)")
-        for col in ("neuron", "verdict", "claimed", "tokens", "Δ category", "Δ other", "effect", "baseline", "z",
-                    "confirmed"):
-            t.add_column(col, justify="right")
-        for r in results.itertuples():
-            t.add_row(f"{r.layer}.{r.neuron}", r.verdict, ",".join(r.claimed), str(r.n_category_tokens),
-                      _fmt(r.delta_category, 5), _fmt(r.delta_other, 5), _fmt(r.causal_effect, 5),
-                      f"{_fmt(r.baseline_mean, 5)}±{_fmt(r.baseline_std, 5)}", _fmt(r.causal_z, 2),
-                      "[green]yes[/]" if r.causally_confirmed else "no")
-        console.print(t)
-        for verdict, v in summary["by_verdict"].items():
-            console.print(f"{verdict}: {v['confirmed']} of {v['tested']} claims causally confirmed")
-        console.print(f"wrote {Path(run) / 'verification.parquet'} and causal columns in neurons.parquet")
+                                          progress=lambda n: progress.advance(task, n))
+        folder = Path(out) if out else Path(run)
+        write_html(verification_figure(results), folder / "verification.html")
+        _print_verification(results, summary, cfg.alpha)
+        console.print(f"wrote {folder / 'claims.parquet'}, verification.parquet/.json/.html"
+                      + ("" if out else " and causal columns in neurons.parquet"))
 
     @app.command("patch")
     def patch(

@@ -171,17 +171,36 @@ def ablation_figure(by_category: Any, summary: dict[str, Any], label: str = "") 
 
 
 def verification_figure(results: Any) -> Any:
-    """Causal effect of each verified neuron vs its random same-layer baseline (mean ± z·std)."""
+    """Causal verification of many claims (a ``verification.parquet`` table): each claim's mean effect against the
+    mean effect of its matched null neurons (confirmed claims in green), and the distribution of p-values (flat
+    where claims are null, piled up near 0 where they hold)."""
+    from plotly.subplots import make_subplots
+
     go = _go()
-    df = results.reset_index(drop=True)
-    labels = [f"{r.layer}.{r.neuron} {r.verdict[:4]} {r.top_category}" for r in df.itertuples()]
-    colors = ["#2ca02c" if c else "#d62728" for c in df.causally_confirmed]
-    fig = go.Figure()
-    fig.add_trace(go.Bar(x=labels, y=df.causal_effect, marker_color=colors, name="causal effect",
-                         hovertemplate="%{x}<br>effect %{y:.4f}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=labels, y=df.baseline_mean, mode="markers", name="random neurons (mean ± 2 std)",
-                             error_y={"array": 2 * df.baseline_std.fillna(0), "visible": True},
-                             marker={"color": "#555", "symbol": "line-ew-open", "size": 14}))
-    fig.update_layout(title="Causal verification: Δloss on claimed-category tokens − Δloss on other tokens "
-                            "(green = confirmed)", yaxis={"title": "nats"}, xaxis={"tickangle": -45})
+    df = results[results.p_value.notna()].reset_index(drop=True)
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.1,
+                        subplot_titles=["claim vs matched null neurons (mean Δloss, nats)", "p-values"])
+    labels = [f"{r.layer}.{r.neuron}{r.direction} {r.claim}"[:60] for r in df.itertuples()]
+    for confirmed, color, name in ((True, "#2ca02c", "confirmed"), (False, "#d62728", "not confirmed")):
+        part = df.causally_confirmed.to_numpy() == confirmed
+        fig.add_trace(go.Scatter(
+            x=df.null_neuron_mean[part], y=df.causal_effect[part], mode="markers", name=name,
+            marker={"color": color, "size": 6, "opacity": 0.7},
+            text=[labels[i] for i in np.flatnonzero(part)],
+            customdata=np.stack([df.p_value[part], df.q_value[part], df.n_tokens[part]], -1),
+            hovertemplate="%{text}<br>effect %{y:.4f}, nulls %{x:.4f}<br>p %{customdata[0]:.3g} q %{customdata[1]:.3g}"
+                          "<br>%{customdata[2]} tokens<extra></extra>"), 1, 1)
+    if len(df):
+        lo = float(min(df.null_neuron_mean.min(), df.causal_effect.min()))
+        hi = float(max(df.null_neuron_mean.max(), df.causal_effect.max()))
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", line={"dash": "dash", "color": "#888"},
+                                 name="effect = null", showlegend=False), 1, 1)
+    fig.add_trace(go.Histogram(x=df.p_value, xbins={"start": 0.0, "end": 1.0, "size": 0.05}, name="p-values",
+                               marker_color="#1f77b4", showlegend=False), 1, 2)
+    fig.update_xaxes(title_text="matched null neurons", row=1, col=1)
+    fig.update_yaxes(title_text="claimed neuron", row=1, col=1)
+    fig.update_xaxes(title_text="p = max(p_neuron, p_token)", row=1, col=2)
+    n_conf = int(df.causally_confirmed.sum())
+    fig.update_layout(title=f"Causal verification: {n_conf} of {len(df)} tested claims confirmed (BH q ≤ alpha)",
+                      height=520)
     return fig
