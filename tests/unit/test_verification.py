@@ -22,7 +22,13 @@ from neuronhunter.causal.claims import (
     token_claim,
 )
 from neuronhunter.causal.interventions import corpus_batches
-from neuronhunter.causal.verification import CLAIM_COLUMNS, NEURON_COLUMNS, VerifyConfig, verify_claims, verify_run
+from neuronhunter.causal.verification import (
+    CLAIM_COLUMNS,
+    NEURON_COLUMNS,
+    VerifyConfig,
+    verify_claims,
+    verify_run,
+)
 from neuronhunter.data.corpus import Document
 from neuronhunter.data.split import DocumentSplit
 from neuronhunter.errors import ConfigError
