@@ -184,7 +184,7 @@ def pack_tensors(obj: Any) -> Any:
     """``obj`` with every tensor of at least 64 KiB replaced by its zstd-compressed bytes (lossless).
 
     The big accumulators (per-category histograms, bin counts, exemplar ids) are mostly zeros and small integers:
-    compressed they take ~5-8x less disk (a default hunt's ``stats.pt``: 286 MB -> ~60 MB). The result still
+    compressed they take several times less disk (a default hunt's ``stats.pt``: 286 MB -> 85 MB). The result still
     loads with ``torch.load(weights_only=True)``; :func:`unpack_tensors` restores the tensors bit for bit.
     """
     if isinstance(obj, torch.Tensor):
