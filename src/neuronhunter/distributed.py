@@ -499,10 +499,11 @@ def compare_runs(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rtol: 
                 same = all(np.array_equal(p, q) for p, q in zip(u, v, strict=True))
             elif pd.api.types.is_float_dtype(u) and not col.endswith(EXACT_SUFFIXES) and table != "examples":
                 same = bool(np.isclose(u.to_numpy(), v.to_numpy(), rtol=rtol, atol=1e-9, equal_nan=True).all())
-            elif pd.api.types.is_float_dtype(u):
-                same = bool(((u == v) | (u.isna() & v.isna())).all())
             else:
-                same = bool((u.astype(str) == v.astype(str)).all())
+                try:
+                    same = bool(((u == v) | (u.isna() & v.isna())).all())
+                except (TypeError, ValueError):  # (list-like cells)
+                    same = [str(t) for t in u] == [str(t) for t in v]
             if not same:
                 out.append(f"{table}.{col} differs")
     return out

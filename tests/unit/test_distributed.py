@@ -138,3 +138,20 @@ def test_killed_worker_is_restarted_and_the_result_is_the_same(tiny_gpt2, corpus
     assert {s["pid"] for s in index["shards"].values()} - {pid}  # a restarted worker scanned the rest
     run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
     assert compare_runs(tmp_path / "one", out) == []
+
+
+def test_hunt_on_ray_gives_the_same_verdicts(tiny_gpt2, corpus, tmp_path, ray_session):
+    """The hunt shares the scan: with --engine ray its tables (verdicts included) and its label co-occurrence
+    counts equal the one-process hunt's."""
+    import pandas as pd
+
+    from neuronhunter.hunt import HuntConfig, run_hunt
+
+    kw = dict(model="tiny", corpus=str(corpus), context_length=24, batch_size=3, top_k=4, compile_stats=False)
+    run_hunt(HuntConfig(out=str(tmp_path / "one"), **kw), model=tiny_gpt2)
+    run_hunt(HuntConfig(out=str(tmp_path / "ray"), engine="ray", workers=2, shards=5, **kw), model=tiny_gpt2)
+    assert compare_runs(tmp_path / "one", tmp_path / "ray") == []
+    a, b = (pd.read_parquet(tmp_path / r / "neurons.parquet") for r in ("one", "ray"))
+    assert a["verdict"].tolist() == b["verdict"].tolist()
+    info = [json.loads((tmp_path / r / "hunt.json").read_text()) for r in ("one", "ray")]
+    assert info[0]["cooccurrence"] == info[1]["cooccurrence"] and np.sum(info[0]["cooccurrence"]) > 0

@@ -9,12 +9,14 @@ import typer
 
 from ..errors import ConfigError
 from .common import (
+    AddressOpt,
     BatchSizeOpt,
     BosOpt,
     CompileOpt,
     ContextLengthOpt,
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     FormatsOpt,
     HeldoutFractionOpt,
     LayersOpt,
@@ -22,10 +24,14 @@ from .common import (
     MaxTokensOpt,
     NeuronsPerLayerOpt,
     OverwriteOpt,
+    ShardsOpt,
+    ShardStoreOpt,
     SplitSeedOpt,
     ThresholdOpt,
     TopKOpt,
+    WorkersOpt,
     console,
+    engine_options,
     parse_int_list,
 )
 
@@ -170,6 +176,11 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
                                     "'categories' (inline lexicon) and 'thresholds' (verdict rule)"),
         rescore: str = typer.Option(None, "--rescore", help="Re-verdict this finished run from its stored "
                                     "statistics (no model run); thresholds from --config"),
+        engine: EngineOpt = None,
+        workers: WorkersOpt = None,
+        address: AddressOpt = None,
+        shards: ShardsOpt = None,
+        shard_store: ShardStoreOpt = None,
         overwrite: OverwriteOpt = False,
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted hunt from its checkpoint"),
     ) -> None:
@@ -193,6 +204,7 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
             label_last_token_only=last_token_only, case_sensitive=case_sensitive, prepend_bos=bos, device=device,
             dtype=dtype, compile_stats=compile_stats, formats=formats.split(",") if formats else None,
             top_per_category=top, split=split, heldout_fraction=heldout_fraction, split_seed=split_seed,
+            **engine_options(engine, workers, address, shards, shard_store),
         )
         check_out(cfg.out, overwrite=overwrite, resume=resume)
         with LazyProgress("hunting (scan)") as progress:
