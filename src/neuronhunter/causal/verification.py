@@ -68,7 +68,7 @@ class VerifyConfig(StrictModel):
                            "(sequential Monte Carlo: the smallest p-value becomes 1/(max_nulls+1))")
     token_matches: int = Field(4, ge=1, description="matched non-claim tokens per claim token (token null)")
     n_draws: int = Field(2000, ge=50, description="Monte-Carlo draws of the stratified token permutation test")
-    max_claim_tokens: int = Field(24, ge=1, description="held-out tokens tested per claim (a seeded sample)")
+    max_claim_tokens: int = Field(16, ge=1, description="held-out tokens tested per claim (a seeded sample)")
     min_tokens: int = Field(3, ge=1, description="claims with fewer held-out tokens are not tested")
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="confirmed when the BH q-value is at most this")
     attribution: bool = Field(True, description="attribution-patching screen of every neuron")

@@ -189,7 +189,7 @@ def register(app: typer.Typer) -> None:
         max_nulls: int = typer.Option(None, help="Null neurons for claims that beat the first --n-nulls "
                                       "[default: 200]"),
         max_claim_tokens: int = typer.Option(None, help="Held-out tokens tested per claim, a seeded sample "
-                                             "[default: 24]"),
+                                             "[default: 16]"),
         min_tokens: int = typer.Option(None, help="Claims with fewer held-out tokens are not tested [default: 3]"),
         alpha: float = typer.Option(None, help="Confirmed when the Benjamini-Hochberg q-value is at most this "
                                     "[default: 0.05]"),
