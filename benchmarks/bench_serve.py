@@ -56,7 +56,7 @@ class Client:
 
     def __init__(self, host: str, port: int) -> None:
         self.host, self.port = host, port
-        self.conn = http.client.HTTPConnection(host, port, timeout=120)
+        self.conn = http.client.HTTPConnection(host, port, timeout=900)
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, bytes, float]:
         data = json.dumps(body).encode() if body is not None else None
@@ -69,9 +69,20 @@ class Client:
             status = res.status
         except (OSError, http.client.HTTPException):
             self.conn.close()
-            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
+            self.conn = http.client.HTTPConnection(self.host, self.port, timeout=900)
             return 0, b"", (time.perf_counter() - t0) * 1000
         return status, payload, (time.perf_counter() - t0) * 1000
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process (Linux /proc), in MB; 0 where unknown."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def start_server(run: Path, python: str) -> tuple[subprocess.Popen, str, int]:
@@ -135,7 +146,8 @@ def main() -> None:
     try:
         client = Client(host, port)
         answers, read = wait_warm(client)
-        print(f"server answering after {answers:.1f} s; its background read of the tables done after {read:.1f} s")
+        print(f"server answering after {answers:.1f} s; its background read of the tables done after {read:.1f} s; "
+              f"server RSS {rss_mb(proc.pid):,.0f} MB")
         if args.screenshots_only:
             take_screenshots(host, port, name, args)
             return
@@ -186,6 +198,7 @@ def main() -> None:
                 server_ms.append(json.loads(payload)["elapsed_ms"])
             print(summary(f"live {n_tok} tokens, layer {layer}", ms, 1000))
             print(f"{'':<34} of which the model's work in the server: median {percentile(server_ms, 0.5):.1f} ms")
+        print(f"server RSS with the model loaded: {rss_mb(proc.pid):,.0f} MB")
         bare_forward(run, body["text"])
 
         load_test(host, port, name, pairs, searches, body, args, rng)
@@ -228,7 +241,8 @@ def take_screenshots(host: str, port: int, name: str, args: argparse.Namespace) 
     from neuronhunter.serve.testing import screenshots
 
     written = screenshots(f"http://{host}:{port}", args.screenshots, run=name, layer=20, neuron=882, token="red",
-                          text="She wore a red coat, a pale blue scarf and green boots.", browse=args.browse)
+                          text="She wore a red coat, a pale blue scarf and green boots.",
+                          browse=args.browse if args.browse is not None and args.browse.exists() else None)
     print("screenshots:", ", ".join(f"{p} ({p.stat().st_size // 1024} KB)" for p in written))
 
 

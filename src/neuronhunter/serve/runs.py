@@ -568,12 +568,17 @@ class Run:
         raise HTTPError(400, f"this run's neurons have no flags column nor a boolean column {flag!r}")
 
     def _text_filter(self, cols: dict[str, str], text: str) -> tuple[str, list[Any]]:
-        """Case-insensitive substring match over the neurons' text columns and any explanations table."""
+        """Case-insensitive substring match over the neurons' text columns (and an explanations table when the
+        neurons table has no explanation column)."""
         needle = text.strip().lower()
         texts = [c for c, t in cols.items() if t == "VARCHAR"]
+        # the neurons table's own explanations (explain writes each neuron's best there) are what is searched; the
+        # explanations table (every candidate: 800,000 rows for the default run) only when there are none
+        own = [c for c in texts if column_group(c) == "explanation"]
+        texts = own or texts
         parts = [f"contains(lower(coalesce({_ident(c)}, '')), ?)" for c in texts]
         params: list[Any] = [needle] * len(texts)
-        for table in self.tables():
+        for table in ([] if own else self.tables()):
             tcols = self.columns(table)
             if table == "explanations" or any(column_group(c) == "explanation" for c in tcols):
                 tt = [c for c, t in tcols.items() if t == "VARCHAR"]
