@@ -54,7 +54,8 @@ def register(app: typer.Typer) -> None:
         n_features: int = typer.Option(None, help="Features per layer [default: expansion x width]"),
         expansion: int = typer.Option(None, help="Features per neuron [default: 8]"),
         k: int = typer.Option(None, "--k", help="Active features per token [default: 32]"),
-        train_tokens: int = typer.Option(None, help="Training tokens [default: 200000]"),
+        train_tokens: int = typer.Option(None, help="Training tokens per pass [default: 200000]"),
+        epochs: int = typer.Option(None, help="Passes over the training tokens [default: 1]"),
         eval_tokens: int = typer.Option(None, help="Held-out evaluation tokens [default: 8192]"),
         token_batch: int = typer.Option(None, help="Tokens per optimiser step [default: 1024]"),
         shuffle_tokens: int = typer.Option(None, help="Tokens shuffled together [default: 16384]"),
@@ -79,7 +80,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = load_config(DictionaryConfig, config, layers=parse_int_list(layers, "--layers"), model=model,
                           corpus=corpus, out=out, kind=kind, n_features=n_features, expansion=expansion, k=k,
-                          train_tokens=train_tokens, eval_tokens=eval_tokens, token_batch=token_batch,
+                          train_tokens=train_tokens, epochs=epochs, eval_tokens=eval_tokens, token_batch=token_batch,
                           shuffle_tokens=shuffle_tokens, optimizer=optimizer, lr=lr, context_length=context_length,
                           batch_size=batch_size, heldout_fraction=heldout_fraction, split_seed=split_seed, seed=seed,
                           checkpoint_every=checkpoint_every, device=device)
