@@ -129,3 +129,28 @@ def test_post_norm_models_are_refused():
 
     with pytest.raises(ConfigError, match="pre-norm"):
         Graph(tiny_model("gemma2"))
+
+
+def test_circuit_cli_writes_the_run_folder(model, tmp_path, capsys):
+    from neuronhunter.cli.main import main
+    from neuronhunter.io import read_json, read_table
+
+    folder = tmp_path / "planted-model"
+    model.model.save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in planted_task()), encoding="utf-8")
+    out = tmp_path / "circuit"
+    assert main(["circuit", str(pairs), "--model", str(folder), "--out", str(out), "--sizes", "1,3",
+                 "--check-top", "3"]) == 0
+    summary = read_json(out / "circuit.json")
+    assert {(e["upstream"], e["downstream"]) for e in summary["circuit"]["edges"]} == PATH
+    assert summary["circuit"]["edges"][0]["site"]
+    assert len(read_table(out / "edges.parquet")) == summary["edges_total"]
+    page = (out / "circuit.html").read_text(encoding="utf-8")
+    assert "<svg" in page and "a0.h0" in page and "<script" not in page
+    assert read_json(out / "manifest.json")["kind"] == "circuit"
+    capsys.readouterr()
+    assert main(["circuit", str(tmp_path / "missing.jsonl"), "--model", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown task" in err[0]

@@ -86,11 +86,12 @@ def prepare(model: HookedModel, task: Task, *, prepend_bos: bool = True) -> Prom
                    torch.tensor([r[3] for r in rows]))
 
 
-def logit_diffs(logits: Tensor, pr: Prompts) -> Tensor:
-    """``[B]`` logit(answer) - logit(wrong) at each pair's last token."""
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    last = logits[rows, pr.last.to(logits.device)]
-    return last[rows, pr.answer.to(logits.device)] - last[rows, pr.wrong.to(logits.device)]
+def logit_diffs(model: HookedModel, hidden: Tensor, pr: Prompts) -> Tensor:
+    """``[B]`` logit(answer) - logit(wrong) at each pair's last token, from the final hidden states (only the last
+    positions are unembedded)."""
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    logits = model.unembed(hidden[rows, pr.last.to(hidden.device)])  # [B, vocab]
+    return logits[rows, pr.answer.to(hidden.device)] - logits[rows, pr.wrong.to(hidden.device)]
 
 
 # ---------------------------------------------------------------------------------------------------- graph
@@ -294,12 +295,12 @@ def run_pass(graph: Graph, ids: Tensor, pr: Prompts, *, norm_fns: dict[Comp, Cal
         handles.append(graph.model.block(0).register_forward_pre_hook(
             lambda _m, args, kwargs: _with_input(args, kwargs, block0(_input_of(args, kwargs))), with_kwargs=True))
     try:
-        with _capture_units(graph, cache, detach=not grad):
-            logits = graph.model.forward(ids, pr.mask, grad=grad)
+        with _capture_units(graph, cache, detach=not grad), torch.set_grad_enabled(grad):
+            hidden = graph.model.final_hidden(ids, pr.mask, grad=grad)
+            cache.metric = logit_diffs(graph.model, hidden, pr)
     finally:
         for h in handles:
             h.remove()
-    cache.metric = logit_diffs(logits, pr)
     return cache
 
 
@@ -495,12 +496,11 @@ def _run_live(graph: Graph, pr: Prompts, fns: dict[Comp, Callable[[Tensor], Tens
     for comp, norm in graph.norms.items():
         handles.append(norm.register_forward_pre_hook(make(comp), with_kwargs=True))
     try:
-        with _capture_units(graph, live, detach=True):
-            logits = graph.model.forward(pr.clean, pr.mask)
+        with _capture_units(graph, live, detach=True), torch.no_grad():
+            out.metric = logit_diffs(graph.model, graph.model.final_hidden(pr.clean, pr.mask), pr)
     finally:
         for h in handles:
             h.remove()
-    out.metric = logit_diffs(logits, pr)
     return out
 
 
@@ -592,6 +592,7 @@ def discover(model: HookedModel, task: Task, *, method: str = "eap", steps: int 
     curve = []
     span = m_clean - m_corr
     for n in sorted({s for s in (sizes or DEFAULT_SIZES) if s <= len(edges)} | {len(edges)}):
+        say(f"faithfulness of {n:,} edges")
         m = float(circuit_metric(graph, pr, corrupted, edges.head(n)).mean())
         top = edges.head(n)
         curve.append({"edges": int(n), "nodes": int(top["upstream"].nunique()), "metric": m,
