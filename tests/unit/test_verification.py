@@ -269,6 +269,34 @@ def test_explanation_claims():
     prev = claim_from_rule(1, 2, "+", {"categories": ["color"], "offset": -1}, "after a colour", "context")
     assert prev.offset == -1
     assert parse_claim("1:2=explanation:category", explanations=ex).categories == ("color",)
+    # the rules `neuronhunter explain` writes: a family, tokens and their exact ids
+    after = claim_from_rule(1, 2, "+", json.dumps({"family": "prev", "tokens": ["red"], "token_ids": [[1, 2]]}),
+                            'any token after "red"', "context")
+    assert (after.offset, after.tokens, after.token_ids) == (-1, ("red",), (1, 2))
+    before = claim_from_rule(1, 2, "-", {"family": "nextcat", "category": "animal"}, "any token before an animal "
+                             "word", "context")
+    assert (before.offset, before.categories) == (1, ("animal",))
+    with pytest.raises(ConfigError, match="bigram"):
+        claim_from_rule(1, 2, "+", {"family": "bigram", "bigrams": [["a", "b"]]}, '"b" after "a"', "context")
+
+
+def test_claim_tokens_with_offsets(planted):
+    from neuronhunter.causal.claims import TokenMatcher
+    from neuronhunter.causal.engine import VerificationTokens
+
+    m, _, batches = planted
+    t = VerificationTokens.from_batches(batches)
+    match = TokenMatcher(m.tokenizer, LABELLER.categories, t)
+    ran = m.tokenizer(" ran", add_special_tokens=False)["input_ids"][0]
+    animal = match.mask(category_claim(1, 7, "+", ["animal"]))
+    np.testing.assert_array_equal(animal, t.labels[:, 0])
+    before = match.mask(claim_from_rule(1, 7, "+", {"family": "nextcat", "category": "animal"}, "x", "context"))
+    np.testing.assert_array_equal(before, t.next_labels[:, 0])
+    after_animal = match.mask(claim_from_rule(1, 7, "+", {"family": "prevcat", "category": "animal"}, "x", "c"))
+    assert after_animal.any() and np.all(t.input_ids[after_animal] == ran)  # every animal is followed by " ran"
+    by_id = match.mask(claim_from_rule(1, 7, "+", {"family": "tok", "token_ids": [ran]}, "x", "tokens"))
+    np.testing.assert_array_equal(by_id, match.mask(token_claim(1, 7, "+", ["Ran "])))
+    assert np.all(by_id[after_animal]) and by_id.sum() <= after_animal.sum() + t.n_windows  # (window starts)
 
 
 def test_hunt_claims_old_and_new_schema():

@@ -7,10 +7,11 @@ where X is
   claim: the union of the categories);
 * ``tokens``: a set of tokens, compared after stripping spaces and lower-casing (``tokens:red|blue|green``);
 * ``explanation``: an explanation written by ``neuronhunter explain`` (``explanations.parquet``): its ``rule``
-  (JSON) names a token set or categories, optionally of the *previous* token (``{"tokens": [...]}``,
-  ``{"categories": [...], "offset": -1}``); ``explanation`` takes the neuron's best explanation in that direction,
-  ``explanation:KIND`` the best of one kind. Explanations without such a rule (free text, positions, domains)
-  cannot be turned into tokens and are refused with a reason.
+  (JSON) names a token set (``tokens``, or exact ``token_ids``) or a ``category``, of the token itself (family
+  ``tok``/``cat``), of the token before (``prev``/``prevcat``: "any token after ...") or of the token after
+  (``next``/``nextcat``: "any token before ..."); ``explanation`` takes the neuron's best explanation in that
+  direction, ``explanation:KIND`` the best of one kind. Explanations without such a rule (free text, bigrams,
+  positions, domains) cannot be turned into a token set and are refused with the reason.
 
 Claims come from a hunt (every neuron whose verdict is ``monosemantic`` or ``polysemantic`` by default, with the
 category the verdict claims and the direction it is about), from the command line
@@ -50,7 +51,8 @@ class Claim:
             ``explanation:<text>``.
         categories: the lexicon categories of a category claim (or of an explanation's rule).
         tokens: the normalised tokens of a token claim (or of an explanation's rule).
-        offset: 0 = the token itself carries the category/token; -1 = the previous token does.
+        token_ids: exact token ids (an explanation's rule), besides or instead of ``tokens``.
+        offset: 0 = the token itself carries the category/token; -1 = the previous token does; +1 = the next.
         source: ``hunt``, ``user`` or ``explanation``.
         verdict: the hunt's verdict, for hunt claims.
     """
@@ -62,6 +64,7 @@ class Claim:
     kind: str
     categories: tuple[str, ...] = ()
     tokens: tuple[str, ...] = ()
+    token_ids: tuple[int, ...] = ()
     offset: int = 0
     source: str = "user"
     verdict: str | None = None
@@ -72,7 +75,7 @@ class Claim:
             raise ConfigError(f"claim {self.layer}:{self.neuron}: direction must be + or -, got {self.direction!r}")
         if self.kind not in KINDS:
             raise ConfigError(f"claim {self.layer}:{self.neuron}: kind must be one of {', '.join(KINDS)}")
-        if not self.categories and not self.tokens:
+        if not self.categories and not self.tokens and not self.token_ids:
             raise ConfigError(f"claim {self.layer}:{self.neuron}={self.claim}: names no category and no token")
 
     @property
@@ -116,6 +119,9 @@ def token_claim(layer: int, neuron: int, direction: str, tokens: Sequence[str], 
 
 
 # ------------------------------------------------------------------------------------------------ explanations
+_FAMILY_OFFSET = {"tok": 0, "cat": 0, "prev": -1, "prevcat": -1, "next": 1, "nextcat": 1}
+
+
 def claim_from_rule(layer: int, neuron: int, direction: str, rule: Any, text: str, kind: str) -> Claim:
     """A claim from an explanation's ``rule`` (a JSON string or mapping; see the module docstring)."""
     if isinstance(rule, str):
@@ -123,18 +129,22 @@ def claim_from_rule(layer: int, neuron: int, direction: str, rule: Any, text: st
             rule = json.loads(rule)
         except ValueError:
             rule = None
+    where = f"explanation of {layer}:{neuron}{direction} ({kind}: {text!r})"
     if not isinstance(rule, dict):
-        raise ConfigError(f"explanation of {layer}:{neuron}{direction} ({kind}: {text!r}) has no rule naming tokens "
-                          "or categories; it cannot be verified by ablation on tokens")
+        raise ConfigError(f"{where} has no rule naming tokens or categories; it cannot be verified on tokens")
+    family = rule.get("family")
+    if family is not None and family not in _FAMILY_OFFSET:
+        raise ConfigError(f"{where}: a {family!r} rule names no token set or category; it cannot be verified here")
     cats = _split_list(rule.get("categories") or rule.get("category"))
-    toks = [normalise_token(t) for t in (rule.get("tokens") or []) if normalise_token(str(t))]
-    offset = int(rule.get("offset", -1 if rule.get("previous") else 0))
-    if offset not in (0, -1) or not (cats or toks):
-        raise ConfigError(f"explanation of {layer}:{neuron}{direction} ({kind}: {text!r}): its rule {rule} names no "
-                          "token set or category of the token or the previous token; it cannot be verified here")
-    label = f"explanation:{text}"
-    return Claim(int(layer), int(neuron), direction, label, "explanation", categories=tuple(cats),
-                 tokens=tuple(toks), offset=offset, source="explanation")
+    toks = [normalise_token(str(t)) for t in (rule.get("tokens") or []) if normalise_token(str(t))]
+    ids: list[int] = []
+    for x in rule.get("token_ids") or []:
+        ids.extend(int(i) for i in (x if isinstance(x, (list, tuple)) else [x]))
+    offset = _FAMILY_OFFSET.get(family, int(rule.get("offset", 0)))
+    if offset not in (-1, 0, 1) or not (cats or toks or ids):
+        raise ConfigError(f"{where}: its rule {rule} names no token set or category; it cannot be verified here")
+    return Claim(int(layer), int(neuron), direction, f"explanation:{text}", "explanation", categories=tuple(cats),
+                 tokens=tuple(toks), token_ids=tuple(sorted(set(ids))), offset=offset, source="explanation")
 
 
 def explanation_claim(explanations: Any, layer: int, neuron: int, direction: str, kind: str | None = None) -> Claim:
@@ -246,12 +256,12 @@ def dedupe(claims: Iterable[Claim]) -> list[Claim]:
 class TokenMatcher:
     """Decides which verification tokens a claim is about (with a cache of decoded token strings)."""
 
-    def __init__(self, tokenizer: Any, categories: Sequence[str], input_ids: np.ndarray, labels: np.ndarray | None,
-                 prev_ids: np.ndarray, prev_labels: np.ndarray | None) -> None:
+    def __init__(self, tokenizer: Any, categories: Sequence[str], tokens: Any) -> None:
+        """Args: ``tokens``: the :class:`~neuronhunter.causal.engine.VerificationTokens`."""
         self.tokenizer = tokenizer
         self.categories = list(categories)
-        self.input_ids, self.labels = input_ids, labels
-        self.prev_ids, self.prev_labels = prev_ids, prev_labels
+        self._by_offset = {0: (tokens.input_ids, tokens.labels), -1: (tokens.prev_ids, tokens.prev_labels),
+                           1: (tokens.target_ids, tokens.next_labels)}
         self._norm: dict[int, str] = {}
 
     def _normalised(self, ids: np.ndarray) -> np.ndarray:
@@ -265,7 +275,7 @@ class TokenMatcher:
 
     def mask(self, claim: Claim) -> np.ndarray:
         """``[N]`` bool: the verification tokens the claim is about."""
-        ids, labels = (self.input_ids, self.labels) if claim.offset == 0 else (self.prev_ids, self.prev_labels)
+        ids, labels = self._by_offset[claim.offset]
         out = np.zeros(len(ids), dtype=bool)
         if claim.categories:
             bad = self.unknown_categories(claim)
@@ -278,19 +288,21 @@ class TokenMatcher:
             out |= labels[:, [self.categories.index(c) for c in claim.categories]].any(1)
         if claim.tokens:
             out |= np.isin(self._normalised(ids), list(claim.tokens))
+        if claim.token_ids:
+            out |= np.isin(ids, list(claim.token_ids))
         return out
 
     def vocabulary(self, claim: Claim, lexicon_words: dict[str, list[str]] | None) -> np.ndarray:
-        """Token ids a claim predicts as *output* (for the steering check): the first token of each lexicon word
-        of its categories (with and without a leading space, as written and capitalised) and of its tokens."""
+        """Token ids a claim predicts as *output* (for the steering check): the lexicon words of its categories and
+        its tokens that are single tokens (with and without a leading space, as written and capitalised)."""
         words = list(claim.tokens)
         for c in claim.categories:
             words.extend((lexicon_words or {}).get(c, []))
-        ids: set[int] = set()
+        ids: set[int] = set(claim.token_ids)
         for w in words:
             for form in {w, w.capitalize()}:
                 for text in (form, " " + form):
                     enc = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                    if enc:
+                    if len(enc) == 1:  # a word split into pieces predicts nothing specific with its first piece
                         ids.add(int(enc[0]))
         return np.array(sorted(ids), dtype=np.int64)

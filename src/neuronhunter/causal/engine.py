@@ -66,6 +66,7 @@ class VerificationTokens:
         doc_ids: ``[N]`` the document of each token.
         labels: ``[N, C]`` concept labels of the input token (None without a labeller).
         prev_ids, prev_labels: the same for the token before (position 0 of a window: its BOS or first token).
+        next_labels: the labels of the token after (its id is ``target_ids``).
     """
 
     ids: Tensor
@@ -78,6 +79,7 @@ class VerificationTokens:
     labels: np.ndarray | None
     prev_ids: np.ndarray
     prev_labels: np.ndarray | None
+    next_labels: np.ndarray | None
 
     @classmethod
     def from_batches(cls, batches: Sequence[Any]) -> VerificationTokens:
@@ -92,14 +94,15 @@ class VerificationTokens:
         keep[:, :-1] &= mask[:, 1:].bool()  # a next token to predict
         keep[:, -1] = False
         window, pos = (x.numpy() for x in torch.nonzero(keep, as_tuple=True))
-        labels = prev_labels = None
+        labels = prev_labels = next_labels = None
         if all(b.labels is not None for b in batches):
             lab = torch.cat([F.pad(b.labels, (0, 0, 0, width - b.labels.shape[1])) for b in batches])
             labels = lab[window, pos].numpy().astype(bool)
             prev_labels = lab[window, pos - 1].numpy().astype(bool)
+            next_labels = lab[window, pos + 1].numpy().astype(bool)
         np_ids = ids.numpy()
         return cls(ids, mask, window, pos, np_ids[window, pos], np_ids[window, pos + 1], docs[window], labels,
-                   np_ids[window, pos - 1], prev_labels)
+                   np_ids[window, pos - 1], prev_labels, next_labels)
 
     def __len__(self) -> int:
         return len(self.pos)

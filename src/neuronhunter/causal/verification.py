@@ -363,7 +363,7 @@ def verify_claims(model: HookedModel, batches: Sequence[Any], claims: Sequence[C
                               f"0..{model.d_mlp - 1} per layer)")
     engine = AblationEngine(model, batches, batch_tokens=cfg.batch_tokens)
     t = engine.tokens
-    matcher = TokenMatcher(model.tokenizer, categories, t.input_ids, t.labels, t.prev_ids, t.prev_labels)
+    matcher = TokenMatcher(model.tokenizer, categories, t)
     masks = {i: matcher.mask(c) for i, c in enumerate(claims)}
     by_layer: dict[int, list[tuple[int, Claim]]] = {}
     for i, c in enumerate(claims):
