@@ -339,7 +339,21 @@ class ShardWorker:
         seen = 0
         limit = self.cfg.max_tokens
         h = hashlib.blake2b(digest_size=32)
-        for doc in sc.documents():
+        names = sc.corpus.files() or []
+        first_ids: dict[int, tuple[str, int]] = {}  # document -> (its file, that file's first document's id)
+        at, here = -1, ("", 0)
+        for doc in sc.corpus:
+            if names and (at < 0 or not _in_file(doc.source, names[at])):
+                at += 1
+                while at < len(names) and not _in_file(doc.source, names[at]):
+                    at += 1
+                if at == len(names):  # (not expected) read such a corpus from its start in every shard
+                    names, first_ids = [], {}
+                here = (names[at], doc.doc_id) if names else here
+            if not sc.split.keeps(doc.uid, self.cfg.split):
+                continue
+            if names:
+                first_ids[doc.doc_id] = here
             full = n = count_document_tokens(self.model.tokenizer, doc)
             if limit is not None and seen + n >= limit:
                 n = limit - seen
@@ -355,7 +369,9 @@ class ShardWorker:
         ranges = shard_ranges(docs, shards=shards, batch_size=self.cfg.batch_size, step=step)
         corpus = {"documents": len(docs), "tokens": seen, "skipped": int(getattr(sc.corpus, "n_skipped", 0)),
                   "digest": h.hexdigest()}
-        return {"stop": stop, "ranges": ranges, "corpus": corpus}
+        # where each shard starts reading a many-file corpus: the file of its first document (earlier files unread)
+        starts = [list(first_ids[r["doc"]]) if r["windows"] and r["doc"] in first_ids else None for r in ranges]
+        return {"stop": stop, "ranges": ranges, "corpus": corpus, "starts": starts}
 
     def calibrate(self) -> dict[int, dict[str, Any]]:
         """The single-process scan's calibration (its first windows over all shards); empty with a fixed range."""
@@ -368,9 +384,12 @@ class ShardWorker:
         return self.current
 
     def scan(self, shard: int, span: dict[str, int], stop: list[int] | None,
-             calibration: dict[int, dict[str, Any]], store: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Scan one shard (its window range ``span``, see :func:`shard_ranges`) and write its state (then its
-        record) to ``store``; returns the record."""
+             calibration: dict[int, dict[str, Any]], store: str, record: dict[str, Any],
+             start: list[Any] | None = None) -> dict[str, Any]:
+        """Scan one shard (its window range ``span``, see :func:`shard_ranges`; ``start``: the file of a many-file
+        corpus to start reading at, and its first document's id) and write its state (then its record) to
+        ``store``; returns the record."""
+        from .data.corpus import Corpus
         from .scan import Scanner
 
         t0 = time.perf_counter()
@@ -383,6 +402,9 @@ class ShardWorker:
         sc = Scanner(self.model, self.cfg, labeller, window_range=(span["doc"], span["skip"], span["windows"]),
                      stop=tuple(stop) if stop else None)
         sc._model_fp = self.scanner.model_fp
+        if start is not None:
+            sc.corpus = Corpus(self.cfg.corpus, text_field=self.cfg.text_field, on_error=self.cfg.on_bad_document,  # type: ignore[arg-type]
+                               start=(str(start[0]), int(start[1])))
         cal = {int(k): Calibration.from_state_dict(v) for k, v in calibration.items()}
         state = sc.new_state(cal)
         self.current = (shard, 0)
@@ -411,6 +433,11 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     except (ImportError, OSError):
         return 0.0
+
+
+def _in_file(source: str, rel: str) -> bool:
+    """Whether a document's source (``rel``, ``rel:line`` or ``rel#row``) is in the file ``rel``."""
+    return source == rel or (source.startswith(rel) and source[len(rel):len(rel) + 1] in (":", "#"))
 
 
 class CountOnce:
@@ -637,6 +664,8 @@ def run_distributed_scan(
         folder = RunFolder(cfg.out, kind="scan")
     if folder is not None:
         folder.check(overwrite=overwrite, resume=resume)
+        if resume:
+            _check_resumable(folder, cfg)  # before Ray starts: a changed configuration needs no workers to tell
     session = _Ray()
     tmp = None
     created = False  # this call made the working folder (so it may remove it after bad input)
@@ -689,11 +718,13 @@ def run_distributed_scan(
         index["workers"] = [{"host": i["host"], "pid": i["pid"], "threads": i["threads"], "device": i["device"]}
                             for i in infos]
         index["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        starts = index["starts"] = planned.get("starts") or [None] * plan.shards
         write_json(meta_dir / INDEX, index)
         bar = _Progress(progress, sum(plan.tokens))
         bar.done = sum(int(r["tokens"]) for r in done.values())
         t2 = time.perf_counter()
-        scanned = _schedule(session, new_worker, todo, plan, calibration, store, record, bar, index, meta_dir)
+        scanned = _schedule(session, new_worker, todo, plan, calibration, store, record, bar, index, meta_dir,
+                            starts)
         timings["scan_s"] = time.perf_counter() - t2
         session.shutdown()  # free the workers' memory before the merge
         done.update(scanned)
@@ -731,6 +762,22 @@ def run_distributed_scan(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _check_resumable(folder: RunFolder, cfg: ScanConfig) -> None:
+    """Refuse to resume an interrupted Ray scan with another configuration or number of shards (the corpus and the
+    model are compared once the workers have planned)."""
+    from .scan import resume_key
+
+    path = folder.work / SHARDS / INDEX
+    if not path.is_file():
+        return
+    old = Plan.from_json(read_json(path)["plan"])
+    new = Plan(shards=cfg.shards, config=resume_key(cfg) | {"engine": "ray"}, model_fp=old.model_fp,
+               settings=old.settings, corpus=old.corpus, stop=old.stop, ranges=old.ranges)
+    reason = old.difference(new)
+    if reason is not None:
+        raise RunDirError(f"cannot resume: the interrupted scan used {reason}; start again with --overwrite")
+
+
 def _open_index(meta_dir: Path, plan: Plan, *, resumed: bool) -> tuple[dict[str, Any], bool]:
     """The index of this run and whether it continues an earlier one: the stored index when resuming (after
     comparing plans), else a new one."""
@@ -764,7 +811,7 @@ def _calibration(meta_dir: Path, worker: Any, index: dict[str, Any], resumed: bo
 
 def _schedule(session: _Ray, new_worker: Callable[[], Any], todo: list[int], plan: Plan,
               calibration: dict[int, dict[str, Any]], store: ShardStore, record: dict[str, Any], bar: _Progress,
-              index: dict[str, Any], meta_dir: Path) -> dict[int, dict[str, Any]]:
+              index: dict[str, Any], meta_dir: Path, starts: list[Any]) -> dict[int, dict[str, Any]]:
     """Hand the shards out to the workers (one at a time each) until all are scanned; returns their records."""
     import ray
 
@@ -776,7 +823,8 @@ def _schedule(session: _Ray, new_worker: Callable[[], Any], todo: list[int], pla
     stop = list(plan.stop) if plan.stop else None
 
     def submit(slot: int, shard: int) -> None:
-        ref = session.workers[slot].scan.remote(shard, plan.ranges[shard], stop, calibration, store.location, record)
+        ref = session.workers[slot].scan.remote(shard, plan.ranges[shard], stop, calibration, store.location, record,
+                                                starts[shard])
         running[ref] = (shard, slot)
 
     last_poll = 0.0

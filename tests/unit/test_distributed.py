@@ -3,6 +3,7 @@ workers, interrupted runs resume only their unfinished shards, killed workers ar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -12,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from neuronhunter.config import ScanConfig
 from neuronhunter.data.concepts import ConceptLabeller, load_lexicon
@@ -32,21 +34,37 @@ def ray_session():
 
 @pytest.fixture()
 def corpus(tmp_path):
+    """A folder of three JSONL files and a Parquet file (read from the file of a shard's first document on)."""
+    import pandas as pd
+
     rng = random.Random(2)
     words = ("the river ran past the mill and the baker sold bread to a miller in spring while she sang of "
              "rain snow and sun def return class import self").split()
-    lines = []
+    texts = []
     for i in range(16):
-        lines.append(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 120, 260])))}))
+        texts.append(" ".join(rng.choice(words) for _ in range(rng.choice([5, 40, 120, 260]))))
         if i % 6 == 0:
-            lines.append(lines[-1])  # duplicated documents: exact ties between windows
-    path = tmp_path / "c.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+            texts.append(texts[-1])  # duplicated documents: exact ties between windows
+    folder = tmp_path / "corpus"
+    (folder / "b").mkdir(parents=True)
+    for name, part in (("a.jsonl", texts[:5]), ("b/c.jsonl", texts[5:9]), ("b/d.jsonl", texts[9:12])):
+        (folder / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    pd.DataFrame({"text": texts[12:]}).to_parquet(folder / "e.parquet")
+    return folder
 
 
 def Cooccurrence():  # noqa: N802 - the hunt's labeller, which counts label co-occurrence over what it labels
     return CooccurrenceLabeller(ConceptLabeller(load_lexicon(None)))
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """Compare with a one-process scan on as many torch threads as each worker has: CPU matrix kernels split their
+    sums by thread, so the last float32 bit of an activation can depend on the thread count (in one process too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
 
 
 def _config(corpus, out, **kw):
@@ -61,7 +79,8 @@ def test_ray_scan_equals_one_process(tiny_llama, corpus, tmp_path, ray_session, 
     and so do the labeller's co-occurrence counts, merged from the workers."""
     kw = dict(max_tokens=900, split="train", heldout_fraction=0.2)
     one_lab, ray_lab = Cooccurrence(), Cooccurrence()
-    one = run_scan(_config(corpus, tmp_path / "one", **kw), model=tiny_llama, labeller=one_lab)
+    with torch_threads(2 // workers or 1):  # 2 CPUs: one worker has 2 threads, three have 1 each
+        one = run_scan(_config(corpus, tmp_path / "one", **kw), model=tiny_llama, labeller=one_lab)
     res = run_scan(_config(corpus, tmp_path / "ray", engine="ray", workers=workers, shards=7, **kw),
                    model=tiny_llama, labeller=ray_lab)
     assert compare_runs(tmp_path / "one", tmp_path / "ray") == []
@@ -72,11 +91,14 @@ def test_ray_scan_equals_one_process(tiny_llama, corpus, tmp_path, ray_session, 
     assert sum(s["tokens"] for s in index["shards"].values()) == 900
     assert not list((tmp_path / "ray" / "shards").glob("shard-*"))  # merged: the shard states are gone
     assert json.loads((tmp_path / "ray" / "manifest.json").read_text())["versions"]["engine"].startswith("ray ")
+    starts = [s for s in index["starts"] if s]  # shards start reading at their first document's file
+    assert {s[0] for s in starts} - {"a.jsonl"} and all(s[0] in {"a.jsonl", "b/c.jsonl", "b/d.jsonl", "e.parquet"}
+                                                        for s in starts)
 
 
 def test_interrupted_ray_scan_resumes_only_unfinished_shards(tiny_gpt2, corpus, tmp_path, ray_session):
     out = tmp_path / "run"
-    cfg = _config(corpus, out, engine="ray", workers=1, shards=6)
+    cfg = _config(corpus, out, engine="ray", workers=2, shards=6)
 
     class Interrupt(Exception):
         pass
@@ -91,24 +113,25 @@ def test_interrupted_ray_scan_resumes_only_unfinished_shards(tiny_gpt2, corpus, 
     finished = {p.name for p in partial.glob("shard-*.json")}
     assert 2 <= len(finished) < 6 and not out.exists()
     # a changed corpus (or configuration) is refused, and the interrupted run is kept
-    original = corpus.read_text()
-    corpus.write_text(original.replace("river", "rivers", 1))
+    original = (corpus / "a.jsonl").read_text()
+    (corpus / "a.jsonl").write_text(original.replace('"text": "', '"text": "changed ', 1))
     with pytest.raises(RunDirError, match="different corpus"):
         run_scan(cfg, model=tiny_gpt2, resume=True)
-    corpus.write_text(original)
+    (corpus / "a.jsonl").write_text(original)
     with pytest.raises(RunDirError, match="different configuration"):
         run_scan(cfg.model_copy(update={"top_k": 5}), model=tiny_gpt2, resume=True)
     with pytest.raises(RunDirError, match="engine ray"):
         run_scan(cfg.model_copy(update={"engine": "local"}), model=tiny_gpt2, resume=True)
     assert {p.name for p in partial.glob("shard-*.json")} == finished
-    res = run_scan(cfg.model_copy(update={"workers": 2}), model=tiny_gpt2, resume=True)  # another worker count
+    res = run_scan(cfg, model=tiny_gpt2, resume=True)
     assert res.timings["shards_resumed"] == len(finished)
     assert res.timings["shards_scanned"] == 6 - len(finished)
     index = json.loads((out / "shards" / "index.json").read_text())
     assert index["resumes"] == 1
     assert sorted(int(k) for k, s in index["shards"].items() if s.get("session") == 1) == sorted(
         set(range(6)) - {int(n[6:11]) for n in finished})
-    run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
+    with torch_threads(1):
+        run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
     assert compare_runs(tmp_path / "one", out) == []
 
 
@@ -136,7 +159,8 @@ def test_killed_worker_is_restarted_and_the_result_is_the_same(tiny_gpt2, corpus
     assert not errors, errors
     index = json.loads((out / "shards" / "index.json").read_text())
     assert {s["pid"] for s in index["shards"].values()} - {pid}  # a restarted worker scanned the rest
-    run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
+    with torch_threads(2):
+        run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
     assert compare_runs(tmp_path / "one", out) == []
 
 
@@ -148,7 +172,8 @@ def test_hunt_on_ray_gives_the_same_verdicts(tiny_gpt2, corpus, tmp_path, ray_se
     from neuronhunter.hunt import HuntConfig, run_hunt
 
     kw = dict(model="tiny", corpus=str(corpus), context_length=24, batch_size=3, top_k=4, compile_stats=False)
-    run_hunt(HuntConfig(out=str(tmp_path / "one"), **kw), model=tiny_gpt2)
+    with torch_threads(1):
+        run_hunt(HuntConfig(out=str(tmp_path / "one"), **kw), model=tiny_gpt2)
     run_hunt(HuntConfig(out=str(tmp_path / "ray"), engine="ray", workers=2, shards=5, **kw), model=tiny_gpt2)
     assert compare_runs(tmp_path / "one", tmp_path / "ray") == []
     a, b = (pd.read_parquet(tmp_path / r / "neurons.parquet") for r in ("one", "ray"))

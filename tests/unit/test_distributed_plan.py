@@ -3,6 +3,7 @@ the shard store (ground truth: the single-process scan and brute-force window li
 
 from __future__ import annotations
 
+import json
 import random
 
 import numpy as np
@@ -55,7 +56,7 @@ def corpus(tmp_path):
     lines = []
     for i in range(11):
         n = rng.choice([4, 20, 60, 150, 250])
-        lines.append('{"text": "%s"}' % " ".join(rng.choice(words) for _ in range(n)))
+        lines.append(json.dumps({"text": " ".join(rng.choice(words) for _ in range(n))}))
         if i % 5 == 0:
             lines.append(lines[-1])  # duplicated documents: exact ties between windows
     path = tmp_path / "c.jsonl"
@@ -179,3 +180,25 @@ def test_shard_store_round_trip_through_fsspec(tiny_gpt2, tmp_path):
         store.remove()
         assert store.records() == {}
     assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_a_corpus_can_start_at_a_file_without_reading_the_files_before(tmp_path):
+    """A shard starts at its first document's file: the files before it are not read (here one holds a bad line,
+    which a full read with on_error='fail' stops at), and documents keep their ids in the whole corpus."""
+    from neuronhunter.data.corpus import Corpus
+    from neuronhunter.errors import CorpusError
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\nnot json\n{"text": "two"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "three"}\n\n{"text": "four"}\n')
+    (tmp_path / "c.txt").write_text("five")
+    assert Corpus(tmp_path).files() == ["a.jsonl", "b.jsonl", "c.txt"]
+    assert Corpus(tmp_path / "a.jsonl").files() is None and Corpus("master").files() is None
+    with pytest.raises(CorpusError, match="a.jsonl:2"):
+        list(Corpus(tmp_path))
+    whole = list(Corpus(tmp_path, on_error="skip"))
+    assert [(d.doc_id, d.source) for d in whole] == [(0, "a.jsonl:1"), (1, "a.jsonl:3"), (2, "b.jsonl:1"),
+                                                      (3, "b.jsonl:3"), (4, "c.txt")]
+    started = list(Corpus(tmp_path, start=("b.jsonl", 2)))
+    assert started == whole[2:]
+    with pytest.raises(CorpusError, match="gone"):
+        list(Corpus(tmp_path, start=("x.jsonl", 0)))

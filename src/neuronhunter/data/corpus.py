@@ -52,6 +52,7 @@ sub-folder the file sits in relative to the corpus root (``""`` at the root, ``"
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -369,11 +370,17 @@ def _file_items(path: Path, rel: str, domain: str, text_field: str, domain_field
         yield _text_file_item(path, rel, domain)
 
 
-def _many_files(root: Path, files: Iterable[Path], text_field: str, domain_field: str | None) -> Iterator[_Item]:
+Unit = tuple[str, Callable[[], Iterator[_Item]]]  # a file of a many-file corpus: its relative path and its reader
+
+
+def _many_files(root: Path, files: Iterable[Path], text_field: str, domain_field: str | None) -> list[Unit]:
     rels = sorted((f.relative_to(root) for f in files), key=lambda r: r.parts)
+    out: list[Unit] = []
     for rel in rels:
         parent = rel.parent.as_posix()
-        yield from _file_items(root / rel, rel.as_posix(), "" if parent == "." else parent, text_field, domain_field)
+        out.append((rel.as_posix(), functools.partial(_file_items, root / rel, rel.as_posix(),
+                                                      "" if parent == "." else parent, text_field, domain_field)))
+    return out
 
 
 def _folder_files(folder: Path) -> list[Path]:
@@ -422,48 +429,75 @@ def _stdlib_files(names: set[str] | None) -> list[tuple[Path, tuple[str, ...]]]:
     return out
 
 
-def _stdlib_items(spec: str) -> Iterator[_Item]:
+def _one(item: Callable[[], _Item]) -> Iterator[_Item]:
+    yield item()
+
+
+def _stdlib_units(spec: str) -> list[Unit]:
     params = spec[len(STDLIB) + 1:] if spec.startswith(STDLIB + ":") else ""
     names = {n.strip() for n in params.split(",") if n.strip()} or None
+    out: list[Unit] = []
     for path, parts in _stdlib_files(names):
         domain = parts[0] if len(parts) > 1 else STDLIB_MODULE_DOMAIN
-        yield _text_file_item(path, "/".join(parts), domain, always_skip=True)
+        rel = "/".join(parts)
+        out.append((rel, functools.partial(_one, functools.partial(_text_file_item, path, rel, domain,
+                                                                   always_skip=True))))
+    return out
 
 
-def _raw_items(spec: str | Path | None, text_field: str, domain_field: str | None) -> Iterator[_Item]:
+def _units(spec: str | Path | None, text_field: str, domain_field: str | None) -> list[Unit] | None:
+    """The files of a corpus read file by file (the bundled corpus, ``python-stdlib``, a folder, a glob) in reading
+    order, or None for a corpus that is one stream (a file, ``master``, ``hf:``)."""
     name = None if spec is None else str(spec)
     if name is None or name == "default":
-        folder = resource_path("corpus")
-        for f in sorted(folder.glob("*.txt")):
-            yield _text_file_item(f, f.name, "")
-        return
-    if name == "master":
-        path = resource_path("master_text.txt")
-        for i, para in enumerate(_paragraphs(_read_text_file(path, str(path)))):
-            yield _Item(f"master_text.txt#{i}", text=para)
-        return
+        return [(f.name, functools.partial(_one, functools.partial(_text_file_item, f, f.name, "")))
+                for f in sorted(resource_path("corpus").glob("*.txt"))]
+    if name == "master" or name.startswith("hf:") and isinstance(spec, str):
+        return None
     if name == STDLIB or name.startswith(STDLIB + ":"):
-        yield from _stdlib_items(name)
-        return
-    if isinstance(spec, str) and name.startswith("hf:"):
-        yield from _hf_items(name, text_field, domain_field)
-        return
+        return _stdlib_units(name)
     path = Path(name).expanduser()
     if not path.exists() and _GLOB_CHARS & set(name):
         root, rest = _glob_root(name)
         files = [p for p in root.glob(rest) if p.is_file()] if rest else []
         if not files:
             raise CorpusError(f"no files match the corpus glob {name!r}")
-        yield from _many_files(root, files, text_field, domain_field)
-        return
+        return _many_files(root, files, text_field, domain_field)
     if not path.exists():
         raise CorpusError(f"corpus not found: {path}")
     if path.is_dir():
         files = _folder_files(path)
         if not files:
             raise CorpusError(f"corpus folder {path} has no .txt files (nor .jsonl or .parquet files)")
-        yield from _many_files(path, files, text_field, domain_field)
+        return _many_files(path, files, text_field, domain_field)
+    return None
+
+
+def _raw_items(spec: str | Path | None, text_field: str, domain_field: str | None,
+               start_file: str | None = None) -> Iterator[_Item]:
+    units = _units(spec, text_field, domain_field)
+    if units is not None:
+        first = 0
+        if start_file is not None:
+            names = [rel for rel, _ in units]
+            if start_file not in names:
+                raise CorpusError(f"corpus {spec}: the file {start_file!r} is gone (the corpus changed)")
+            first = names.index(start_file)
+        for _, read in units[first:]:
+            yield from read()
         return
+    if start_file is not None:
+        raise CorpusError(f"corpus {spec} is one stream, not files: it cannot start at {start_file!r}")
+    name = str(spec)
+    if name == "master":
+        path = resource_path("master_text.txt")
+        for i, para in enumerate(_paragraphs(_read_text_file(path, str(path)))):
+            yield _Item(f"master_text.txt#{i}", text=para)
+        return
+    if isinstance(spec, str) and name.startswith("hf:"):
+        yield from _hf_items(name, text_field, domain_field)
+        return
+    path = Path(name).expanduser()
     yield from _file_items(path, path.name, "", text_field, domain_field)
 
 
@@ -520,10 +554,14 @@ class Corpus:
             ``"skip"`` leaves bad documents out and counts them.
         domain_field: the JSONL key / Parquet column / dataset field holding each document's domain label (None:
             the domain is the sub-folder of the file).
+        start: ``(file, document id)``: begin at this file of a many-file corpus (see :meth:`files`), whose first
+            document has this id, without reading the files before it (a shard of a Ray scan reads only from its
+            first document on). :attr:`sha256`, :attr:`n_docs` and the skip counts then cover what was read.
     """
 
     def __init__(self, spec: str | Path | None = None, *, text_field: str = "text", max_docs: int | None = None,
-                 on_error: OnError = "fail", domain_field: str | None = None) -> None:
+                 on_error: OnError = "fail", domain_field: str | None = None,
+                 start: tuple[str, int] | None = None) -> None:
         if on_error not in ("fail", "skip"):
             raise ConfigError(f"on_error must be 'fail' or 'skip', not {on_error!r}")
         self.spec = spec
@@ -531,6 +569,7 @@ class Corpus:
         self.max_docs = max_docs
         self.on_error: OnError = on_error
         self.domain_field = domain_field
+        self.start = start
         self.sha256: str | None = None
         self.n_docs: int | None = None
         self.n_chars: int | None = None
@@ -551,13 +590,21 @@ class Corpus:
         else:
             log.debug("skipped a corpus document: %s", reason)
 
+    def files(self) -> list[str] | None:
+        """The relative paths of the files of a corpus read file by file (the bundled corpus, ``python-stdlib``, a
+        folder, a glob), in reading order; None for one stream (a single file, ``master``, ``hf:``). A document's
+        :attr:`~Document.source` is its file's path, or that path and ``:line`` / ``#row``."""
+        units = _units(self.spec, self.text_field, self.domain_field)
+        return None if units is None else [rel for rel, _ in units]
+
     def __iter__(self) -> Iterator[Document]:
         h = hashlib.sha256()
-        n = 0
+        n = first = self.start[1] if self.start is not None else 0
         chars = 0
         self.n_skipped, self.skipped = 0, []
-        for item in _raw_items(self.spec, self.text_field, self.domain_field):
-            if self.max_docs is not None and n >= self.max_docs:
+        for item in _raw_items(self.spec, self.text_field, self.domain_field,
+                               self.start[0] if self.start is not None else None):
+            if self.max_docs is not None and n - first >= self.max_docs:
                 break
             if item.error is not None:
                 self._bad(item, item.error)
@@ -596,12 +643,12 @@ class Corpus:
                 doc = Document(n, None, item.source, item.domain, reader=item.reader)
             yield doc
             n += 1
-        if n == 0:
+        if n == first:
             if self.n_skipped:
                 raise CorpusError(f"corpus {self.name!r} has no usable documents: {self.n_skipped} skipped "
                                   f"(first: {self.skipped[0]})")
             raise CorpusError(f"corpus {self.name!r} is empty (no non-blank documents)")
-        self.sha256, self.n_docs, self.n_chars = h.hexdigest(), n, chars
+        self.sha256, self.n_docs, self.n_chars = h.hexdigest(), n - first, chars
 
     def check(self, *, full: bool = False) -> None:
         """Fail early (before any output is written) when the corpus is missing or empty.
