@@ -540,8 +540,9 @@ def render(family: str, kind: str, keys: list[int], vocab: Vocabulary, space: Fe
     elif family in ("cat", "prevcat", "nextcat"):
         name = cats[keys[0]]
         rule["category"] = name
-        text = {"cat": f"a {name} word", "prevcat": f"any token after a {name} word",
-                "nextcat": f"any token before a {name} word"}[family]
+        art = "an" if name[:1].lower() in "aeiou" else "a"
+        text = {"cat": f"{art} {name} word", "prevcat": f"any token after {art} {name} word",
+                "nextcat": f"any token before {art} {name} word"}[family]
     elif family == "pos":
         rule["positions"] = [int(k) for k in keys]
         text = ("window position " if len(keys) == 1 else "window positions ") + ", ".join(str(k) for k in keys)

@@ -42,8 +42,7 @@ def layer_scores(lc: LayerCandidates, scorer: LayerScorer, feature_counts: np.nd
     """
     f = list(folds)
     n = float(scorer.count[f].sum())
-    totals = scorer.totals[f].sum(0).numpy()  # [d, direction, channel]
-    s1 = totals[:, 0, 0]
+    s1, high, hard = (x.numpy() for x in scorer.neuron_totals(f))
     s2 = scorer.sumsq[f].sum(0).numpy()
     nc = len(lc.neuron)
     present = lc.pair >= 0
@@ -67,8 +66,8 @@ def layer_scores(lc: LayerCandidates, scorer: LayerScorer, feature_counts: np.nd
     with np.errstate(divide="ignore", invalid="ignore"):
         r = np.where((var_x > 1e-12) & (var_a > 1e-12), cov / np.sqrt(np.maximum(var_x * var_a, 1e-300)), np.nan)
     out["simulation_r"] = np.clip(r, -1.0, 1.0)
-    n_pos = totals[neuron, direction, 1]
-    n_hn = totals[neuron, direction, 2]
+    n_pos = high[direction, neuron]
+    n_hn = hard[direction, neuron]
     n_pred, tp, hn = cnt.sum(1), ptp.sum(1), phn.sum(1)
     fp, fn = n_pred - tp, n_pos - tp
     tn = n - n_pos - fp

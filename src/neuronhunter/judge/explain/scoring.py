@@ -19,7 +19,7 @@ held-out pass, from train statistics only.
 
 Hot path per layer and batch (``T`` counted tokens, ``d`` neurons), no Python loop over neurons:
 
-1. ``Y [T, 3, d]``: per token and neuron ``a`` and, per direction, a code ``high + base * hard negative`` (the two
+1. ``Y [T, 3, d]``: per token and neuron ``a`` and, per direction, a code ``high + BASE * hard negative`` (the two
    never hold together, so one float32 sum gives both counts exactly); the top-token-set membership of every
    token and neuron is one gather from a ``[tokens in batch, d]`` table;
 2. *row path*, for features that many pairs of the layer share (``HEAVY``: frequent tokens such as "," or "the"
@@ -49,7 +49,8 @@ from torch import Tensor
 from .features import BatchFeatures, FeatureSpace
 
 F64 = torch.float64
-MAX_CHUNK = 4000  # tokens per chunk: keeps the packed counts exact in float32 (see LayerScorer._update)
+MAX_CHUNK = 4000  # tokens per chunk: keeps the packed counts of a chunk exact in float32 (see LayerScorer._update)
+BASE = float(MAX_CHUNK + 1)
 HEAVY = 32  # a feature shared by this many pairs of a layer is summed once per batch (row path)
 
 
@@ -69,11 +70,10 @@ class Pairs:
         return len(self.neuron)
 
 
-def _decode(a: Tensor, code: Tensor, base: float) -> Tensor:
-    """``[..., 3]`` float64 (sum of a, high count, hard-negative count) from a sum of a and a sum of codes."""
-    code = code.double()
-    hard = torch.floor(code / base)
-    return torch.stack([a.double(), code - hard * base, hard], -1)
+def decode(code: Tensor) -> tuple[Tensor, Tensor]:
+    """``(high count, hard-negative count)`` from a sum of codes ``high + BASE * hard negative``."""
+    hard = torch.floor(code / BASE)
+    return code - hard * BASE, hard
 
 
 class LayerScorer:
@@ -111,10 +111,10 @@ class LayerScorer:
         tn, td, tf = (torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in tokset)
         order = torch.argsort(tf, stable=True)
         self.tok_neuron, self.tok_dir, self.tok_feature = tn[order], td[order], tf[order]
-        self.acc = torch.zeros((2, self.n_pairs, 3), dtype=F64)  # per fold and pair: sum a, n high, n hard neg.
+        self.acc = torch.zeros((2, self.n_pairs, 2), dtype=F64)  # per fold and pair: sum of a, sum of codes
         self.count = torch.zeros(2, dtype=F64)  # tokens per fold
         self.sumsq = torch.zeros((2, d), dtype=F64)  # per fold: sum of a^2
-        self.totals = torch.zeros((2, d, 2, 3), dtype=F64)  # per fold, neuron, direction: sum a, n high, n hard neg.
+        self.totals = torch.zeros((2, 3, d), dtype=F64)  # per fold and neuron: sum of a, sum of codes (+, -)
         self.features: Any = None  # set by the state: a callable (wids, mask, labels) -> BatchFeatures
 
     @property
@@ -124,11 +124,17 @@ class LayerScorer:
 
     @property
     def high_count(self) -> Tensor:
-        return self.acc[..., 1]
+        return decode(self.acc[..., 1])[0]
 
     @property
     def hard_count(self) -> Tensor:
-        return self.acc[..., 2]
+        return decode(self.acc[..., 1])[1]
+
+    def neuron_totals(self, folds: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(sum of a [d], high tokens [2, d], hard negatives [2, d])`` over the given folds (per direction)."""
+        tot = self.totals[folds].sum(0)
+        high, hard = decode(tot[1:])
+        return tot[0], high, hard
 
     # ------------------------------------------------------------------------------------------- hot path
     def update(self, act: Tensor, mask: Tensor, wids: Tensor, labels: Tensor | None) -> None:
@@ -139,28 +145,28 @@ class LayerScorer:
             self._update(acts[bf.flat.to(act.device)].float().cpu(), bf)
 
     def _update(self, a: Tensor, bf: BatchFeatures) -> None:
-        """One chunk: ``a [T, d]`` activations of the chunk's tokens."""
+        """One chunk: ``a [T, d]`` activations of the chunk's tokens (``T <= MAX_CHUNK``)."""
         t, d = a.shape
         member = self._membership(bf)  # [2, T, d] bool
-        # Y[t] = (a, code of direction +, code of direction -) per neuron, code = high + base * hard negative (never
-        # both): counts of both come out of one float32 sum, exactly, as long as T * base < 2**24
-        base = float(t + 1)
+        # Y[t] = (a, code of direction +, code of direction -) per neuron, code = high + BASE * hard negative (never
+        # both): sums of codes over at most MAX_CHUNK tokens are exact in float32 (< 2**24) and over any number of
+        # chunks in float64; both counts are decoded at the end (:func:`decode`)
         y = torch.empty((t, 3, d), dtype=torch.float32)
         y[:, 0] = a
         for s, v in ((0, a), (1, a.neg())):
             hard = torch.le(v, self.silent[s]).logical_and_(member[s])
-            y[:, 1 + s].copy_(hard).mul_(base).add_(torch.gt(v, self.high[s]))
+            y[:, 1 + s].copy_(hard).mul_(BASE).add_(torch.gt(v, self.high[s]))
         flat = y.view(t, 3 * d)
         self.count += bf.fold_onehot.sum(1).double()
         self.sumsq += (bf.fold_onehot @ (a * a)).double()
-        tot = (bf.fold_onehot @ flat).view(2, 3, d)
-        for s in (0, 1):
-            self.totals[:, :, s] += _decode(tot[:, 0], tot[:, 1 + s], base)
+        self.totals += (bf.fold_onehot @ flat).view(2, 3, d).double()
         if len(bf.occ_feature):
+            buf = torch.zeros((2, self.n_pairs, 2), dtype=torch.float32)
             if len(self.row_pairs):
-                self._rows(bf, flat, base)
+                self._rows(bf, flat, buf)
             if len(self.join_pairs):
-                self._join(bf, y.view(-1), base)
+                self._join(bf, y.view(-1), buf)
+            self.acc += buf.double()
 
     def _membership(self, bf: BatchFeatures) -> Tensor:
         """``[2, T, d]``: token ``t`` is in neuron ``n``'s top-token set of direction ``s``."""
@@ -179,7 +185,7 @@ class LayerScorer:
         out[:, rows] = table[:, local]
         return out
 
-    def _rows(self, bf: BatchFeatures, flat: Tensor, base: float) -> None:
+    def _rows(self, bf: BatchFeatures, flat: Tensor, buf: Tensor) -> None:
         """Row path: per (fold, row feature) the sum of ``Y`` over its tokens (a sparse ``[2R, T]`` matrix times
         ``Y``), then each pair reads its values."""
         nr, d = len(self.row_features), self.d
@@ -192,10 +198,11 @@ class LayerScorer:
         sums = torch.sparse.mm(mat, flat).view(2, nr, 3, d)  # [fold, row feature, channel, neuron]
         p = self.row_pairs
         n, s = self.pair_neuron[p], self.pair_dir[p]
-        for k in (0, 1):
-            self.acc[k, p] += _decode(sums[k, self.row_local, 0, n], sums[k, self.row_local, 1 + s, n], base)
+        for k in (0, 1):  # each pair is in one row feature: plain assignment
+            buf[k, p, 0] = sums[k, self.row_local, 0, n]
+            buf[k, p, 1] = sums[k, self.row_local, 1 + s, n]
 
-    def _join(self, bf: BatchFeatures, flat: Tensor, base: float) -> None:
+    def _join(self, bf: BatchFeatures, flat: Tensor, buf: Tensor) -> None:
         """Join path: the batch's feature occurrences joined with the pairs sorted by feature; ``flat``: ``Y``
         flattened."""
         keys = self.join_feature
@@ -210,7 +217,7 @@ class LayerScorer:
         pair = self.join_pairs[slot]
         at = token * (3 * self.d) + self.pair_neuron[pair]
         code = flat[at + (1 + self.pair_dir[pair]) * self.d]
-        self.acc.view(-1, 3).index_add_(0, bf.fold[token] * self.n_pairs + pair, _decode(flat[at], code, base))
+        buf.view(-1, 2).index_add_(0, bf.fold[token] * self.n_pairs + pair, torch.stack([flat[at], code], 1))
 
     # ------------------------------------------------------------------------------------------- state
     def referenced_windows(self) -> Tensor:  # the scanner prunes stored windows by this: none are kept
