@@ -154,3 +154,13 @@ def test_circuit_cli_writes_the_run_folder(model, tmp_path, capsys):
     assert main(["circuit", str(tmp_path / "missing.jsonl"), "--model", str(folder)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task" in err[0]
+
+
+def test_mlp_layer_writers_sum_their_units(model, task, result):
+    layered = discover(model, task, mlp="layer", check_top=2, sizes=(3,))
+    assert _edges(layered.edges.head(3)) == {("input", "attn0"), ("a0.h0", "mlp1"), ("m1", "logits")}
+    units = result.edges[(result.edges.up_kind == "unit") & (result.edges.up_layer == 1)
+                         & (result.edges.down == "logits")]["score"].sum()
+    row = layered.edges[(layered.edges.upstream == "m1") & (layered.edges.down == "logits")].iloc[0]
+    assert row.score == pytest.approx(units, rel=1e-5)
+    assert 0.9 <= layered.curve[0]["faithfulness"] <= 1.2

@@ -343,8 +343,9 @@ class EdgeScores:
     heads: dict[tuple[Comp, int], Tensor]  # (reader, writer layer) -> [H]
     units: dict[tuple[Comp, int], Tensor]  # (reader, writer layer) -> [cols]
 
-    def table(self) -> Any:
-        """One row per edge (an error node's columns summed into one row)."""
+    def table(self, mlp: str = "units") -> Any:
+        """One row per edge (an error node's columns summed into one row; with ``mlp="layer"`` one row per MLP
+        layer and reader: the sum of its units' scores, the score of patching the whole MLP's write)."""
         import pandas as pd
 
         g = self.graph
@@ -360,6 +361,10 @@ class EdgeScores:
             score += s.tolist()
         for (comp, layer), s in self.units.items():
             vals = s
+            if mlp == "layer":
+                up_kind.append("unit"), up_layer.append(layer), up_index.append(-1), down.append(comp)
+                score.append(float(s.sum()))
+                continue
             if layer in g.feature_layers:
                 n_feat = g.n_units(layer)
                 vals = torch.cat([s[:n_feat], s[n_feat:].sum().reshape(1)])
@@ -386,7 +391,7 @@ def edge_label(graph: Graph, kind: str, layer: int, index: int) -> str:
         return "input"
     if kind == "head":
         return f"a{layer}.h{index}"
-    return graph.unit_label(layer, index)
+    return f"m{layer}" if index < 0 else graph.unit_label(layer, index)
 
 
 def first_difference(pr: Prompts) -> int:
@@ -421,7 +426,9 @@ def eap_scores(graph: Graph, clean: RunCache, corrupted: RunCache, grads: dict[C
 
 # ---------------------------------------------------------------------------------------------------- circuits
 def _expand(graph: Graph, kind: str, layer: int, index: int) -> list[int]:
-    """The columns of a writer: an error node is all its layer's error columns."""
+    """The columns of a writer: a whole MLP (index -1) is all its columns, an error node all its error columns."""
+    if kind == "unit" and index < 0:
+        return list(range(graph.n_cols(layer)))
     if kind == "unit" and layer in graph.feature_layers and index >= graph.n_units(layer):
         return list(range(graph.n_units(layer), graph.n_cols(layer)))
     return [index]
@@ -555,13 +562,16 @@ class CircuitResult:
 
 
 def discover(model: HookedModel, task: Task, *, method: str = "eap", steps: int = 5, sizes: Sequence[int] | None = None,
-             target: float = 0.8, check_top: int = 10, prepend_bos: bool = True,
+             target: float = 0.8, check_top: int = 10, prepend_bos: bool = True, mlp: str = "units",
              progress: Callable[[str], None] | None = None) -> CircuitResult:
     """Rank every edge by EAP (``method="eap"``) or EAP-IG (``"eap-ig"``, ``steps`` interpolations), grow circuits
     by ``|score|`` and measure their faithfulness at each size in ``sizes``; check the ``check_top`` best edges by
-    exact patching. The chosen circuit is the smallest measured one whose faithfulness reaches ``target``."""
+    exact patching. The chosen circuit is the smallest measured one whose faithfulness reaches ``target``.
+    ``mlp="units"``: every neuron (feature) is a writer; ``"layer"``: each MLP is one writer."""
     if method not in ("eap", "eap-ig"):
         raise ConfigError(f"unknown method {method!r}; use eap or eap-ig")
+    if mlp not in ("units", "layer"):
+        raise ConfigError(f"--mlp must be units or layer, got {mlp!r}")
     if method == "eap-ig" and steps < 2:
         raise ConfigError("eap-ig needs --steps of at least 2")
     def say(stage: str) -> None:
@@ -585,7 +595,7 @@ def discover(model: HookedModel, task: Task, *, method: str = "eap", steps: int 
     timings["attribution_s"] = time.perf_counter() - t0
     say("edge scores")
     scores = eap_scores(graph, clean, corrupted, grads, start=first_difference(pr))
-    edges = scores.table()
+    edges = scores.table(mlp)
     timings["scores_s"] = time.perf_counter() - t0 - timings["attribution_s"]
     t1 = time.perf_counter()
     say("faithfulness")
@@ -613,7 +623,7 @@ def discover(model: HookedModel, task: Task, *, method: str = "eap", steps: int 
     circuit["site"] = [_site(graph, k, la, i) for k, la, i in zip(circuit.up_kind, circuit.up_layer,
                                                                       circuit.up_index, strict=True)]
     info = {"model": model.name, "prepend_bos": prepend_bos, "steps": steps if method == "eap-ig" else 1,
-            "units": "features" if graph.feature_layers else "neurons",
+            "units": "mlp layers" if mlp == "layer" else "features" if graph.feature_layers else "neurons",
             "feature_layers": sorted(graph.feature_layers),
             "reached_target": bool(reached), "source": task.source}
     return CircuitResult(task.name, len(task), method, m_clean, m_corr, edges, curve, checks, circuit, target,
@@ -625,4 +635,4 @@ def _site(graph: Graph, kind: str, layer: int, index: int) -> str:
         return "embeddings"
     if kind == "head":
         return f"{Site.attn_z(layer)}.{index}"
-    return graph.unit_site(layer, index)
+    return str(Site(layer, "hook_mlp_out")) if index < 0 else graph.unit_site(layer, index)

@@ -17,6 +17,7 @@ def register(app: typer.Typer) -> None:
                                      "dictionary's features (plus an error node) instead of neurons"),
         out: str = typer.Option(None, "--out", "-o", help="Run folder [default: runs/circuit-TASK]"),
         method: str = typer.Option("eap", help="eap or eap-ig"),
+        mlp: str = typer.Option("units", help="MLP writers: units (every neuron or feature) or layer (one per MLP)"),
         steps: int = typer.Option(5, help="Interpolation steps of eap-ig"),
         pairs: int = typer.Option(None, help="Use the first N pairs"),
         target: float = typer.Option(0.8, help="The chosen circuit is the smallest reaching this faithfulness"),
@@ -50,7 +51,7 @@ def register(app: typer.Typer) -> None:
         size_list = parse_int_list(sizes, "--sizes")
         with console.status("discovering the circuit") as status:
             result = discover(m, t, method=method, steps=steps, sizes=size_list, target=target, check_top=check_top,
-                              prepend_bos=bos, progress=lambda s: status.update(f"circuit: {s}"))
+                              prepend_bos=bos, mlp=mlp, progress=lambda s: status.update(f"circuit: {s}"))
         summary = result.summary()
         c = summary["circuit"]
         console.print(f"{t.name}: {len(t)} pairs, logit difference clean {result.clean:.3f}, corrupted "
@@ -64,6 +65,6 @@ def register(app: typer.Typer) -> None:
         if rho is not None:
             console.print(f"Top {len(result.checks)} edges by exact patching: Spearman {rho:.2f} against EAP")
         cfg = {"task": task, "model": m.name, "method": method, "steps": steps, "pairs": len(t), "target": target,
-               "sizes": size_list, "check_top": check_top, "prepend_bos": bos, "features": features}
+               "sizes": size_list, "check_top": check_top, "mlp": mlp, "prepend_bos": bos, "features": features}
         write_circuit_run(result, out, m.n_layers, cfg, overwrite=overwrite)
         console.print(f"Wrote [bold]{out}[/] (circuit.json, edges.parquet, circuit.html)")
