@@ -63,7 +63,7 @@ def main() -> None:
         train_domains,
     )
     from neuronhunter.models.loading import load_model
-    from neuronhunter.stats.state import ScanState
+    from neuronhunter.stats.state import load_state
 
     run = ensure_run(args.run)
     manifest, config = read_json(run / "manifest.json"), read_json(run / "config.json")
@@ -72,7 +72,7 @@ def main() -> None:
     scfg = scan_config(config, manifest, side, cfg)
     model = load_model(config.get("model") or "smollm2-135m")
     t = time.perf_counter()
-    state = ScanState.from_state_dict(torch.load(run / "stats.pt", weights_only=True))
+    state = load_state(run / "stats.pt")[0]
     vocab = Vocabulary(model.tokenizer)
     domains, domain_of = train_domains(config, side)
     categories = list(manifest.get("categories") or [])
