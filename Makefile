@@ -29,6 +29,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: $(STAMP)
 	$(BIN)/neuronhunter scan --overwrite
 	$(BIN)/neuronhunter hunt --overwrite
+	$(BIN)/neuronhunter explain runs/hunt
 	$(BIN)/neuronhunter browse runs/hunt
 	@echo "Explore the hunt in your browser: $(BIN)/neuronhunter serve runs/hunt   (then open http://127.0.0.1:8000)"
 
