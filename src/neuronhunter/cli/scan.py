@@ -141,4 +141,5 @@ def register(app: typer.Typer) -> None:
         )
         result = run_with_progress(cfg, overwrite=overwrite, resume=resume)
         print_scan_summary(result)
-        console.print(f"Wrote [bold]{cfg.out}[/] (neurons, examples, stats.pt, config.json, manifest.json)")
+        shards = ", shards/index.json" if cfg.engine == "ray" else ""
+        console.print(f"Wrote [bold]{cfg.out}[/] (neurons, examples, stats.pt, config.json, manifest.json{shards})")
