@@ -45,6 +45,9 @@ SEARCH_NUMBERS = ("max", "min", "mean", "frac_active", "kurtosis", "dprime", "cr
 # text columns of the neurons table kept in the search index
 SEARCH_TEXTS = ("verdict", "direction", "claim_category", "claim_categories", "categories", "top_category", "flags")
 EXPLANATION_COLUMNS = ("explanation", "description", "label")
+# columns of explain's explanations table kept in the layer files (the best explanation per direction only)
+EXPLANATION_SHOWN = ("direction", "kind", "explanation", "simulation_r", "detection_f1", "detection_auprc",
+                     "hard_negative_accuracy", "n_heldout_tokens", "scored_on")
 TABLES = ("explanations", "claims", "logits", "concepts")  # per-neuron rows of these tables go into layer files
 STRONGEST = 50  # neurons listed on the index page
 LOGITS_SHOWN = 10  # promoted and suppressed tokens per neuron (the server shows all the run has)
@@ -275,6 +278,10 @@ def _layer_payload(run: Path, layer: int, frame: Any, cols: list[str], per_group
         t = _table_of(run, name, layer)
         if t is None or not len(t):
             continue
+        if name == "explanations":  # explain's candidates: each neuron's best per direction, the scores shown
+            if "is_best" in t.columns:
+                t = t[t["is_best"].fillna(False).astype(bool)]
+                t = t[["layer", "neuron", *[c for c in EXPLANATION_SHOWN if c in t.columns]]]
         if name == "logits" and {"direction", "rank", "token", "value"} <= set(t.columns):
             tables[name] = {"logits": _logits(t, index)}
         elif name == "concepts" and "category" in t.columns:
