@@ -33,6 +33,9 @@ NEURONS, EXAMPLES = "neurons", "examples"
 KNOWN_TABLES = ("explanations", "concepts", "logits", "verification", "claims", "top_neurons")
 EXAMPLE_KINDS = ("top", "bottom", "band")
 MAX_PER_PAGE = 200
+# columns of explain's candidate explanations shown on a neuron page (the API's neuron answer has the same)
+EXPLANATION_SHOWN = ("direction", "kind", "explanation", "is_best", "simulation_r", "detection_f1",
+                     "detection_auprc", "hard_negative_accuracy", "n_heldout_tokens", "scored_on")
 MAX_TABLE_ROWS = 200  # rows of one extra table shown for one neuron
 
 # columns of the neurons table, grouped on the neuron page by name (first match wins; the rest are statistics)
@@ -443,8 +446,9 @@ class Run:
         for r in rows:
             del r["layer"], r["neuron"]
         rows.sort(key=lambda r: tuple((r[c] is None, r[c] if r[c] is not None else 0) for c in order))
-        if "is_best" in cols:  # explanations: each direction's best first
+        if "is_best" in cols:  # explain's candidates: each direction's best first, the main scores shown
             rows.sort(key=lambda r: (str(r.get("direction")), not r.get("is_best")))
+            rows = [{c: r[c] for c in EXPLANATION_SHOWN if c in r} for r in rows]
         return rows[:limit]
 
     def neuron(self, layer: int, neuron: int, *, examples: bool = True) -> dict[str, Any]:

@@ -156,7 +156,7 @@ def screenshots(url: str, out: str | Path, *, run: str, layer: int, neuron: int,
         page.wait_for_selector("#live-result .live-block")
         page.click("#steer-run")
         page.wait_for_selector("#steer-result table.steer")
-        shot("serve-neuron", 1500)
+        shot("serve-neuron", 1900)
         if browse is not None:
             page.goto(browse.resolve().as_uri() + f"#L{layer}.N{neuron}")
             page.wait_for_selector("#exemplars")
