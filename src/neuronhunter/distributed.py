@@ -381,15 +381,14 @@ def run_distributed_scan(
             raise RunDirError("the interrupted scan ran in one process (--engine local); resume it without "
                               "--engine ray, or start again with --overwrite")
         meta_dir = work / SHARDS
-        store = ShardStore(cfg.shard_store if cfg.shard_store else meta_dir)
         t1 = time.perf_counter()
         planned = _get(session.workers[0].plan.remote(cfg.shards))
         plan = Plan(shards=cfg.shards, config=resume_key(cfg) | {"engine": "ray"}, model_fp=infos[0]["model_fp"],
                     settings=infos[0]["settings"], corpus=planned["corpus"],
                     stop=tuple(planned["stop"]) if planned["stop"] else None, ranges=planned["ranges"])
         index, resumed = _open_index(meta_dir, plan, resumed=folder is not None and folder.resumed)
-        if not resumed:
-            store.remove()  # a fresh run: shards left in the store by an earlier run are not this run's
+        # another store holds each run's shards in a folder of its own (two runs may share a store)
+        store = ShardStore(f"{cfg.shard_store.rstrip('/')}/{index['run']}" if cfg.shard_store else meta_dir)
         calibration = _calibration(meta_dir, session.workers[0], index, resumed)
         timings["plan_s"] = time.perf_counter() - t1
         record = {"run": index["run"], "plan": index["digest"]}

@@ -123,6 +123,8 @@ class ShardStore:
             for shard in ids:
                 for suffix in (".json", ".pt"):  # the record first: a half-removed shard is not done
                     (self.root / f"{shard_name(shard)}{suffix}").unlink(missing_ok=True)
+            if shards is None and self.root.is_dir() and not any(self.root.iterdir()):
+                self.root.rmdir()  # (a run's own folder in a shared store)
             return
         fs, root = self._fs()
         for shard in ids:

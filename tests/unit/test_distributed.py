@@ -136,9 +136,10 @@ def test_interrupted_ray_scan_resumes_only_unfinished_shards(tiny_gpt2, corpus, 
 
 
 def test_killed_worker_is_restarted_and_the_result_is_the_same(tiny_gpt2, corpus, tmp_path, ray_session):
-    """SIGKILL the only worker while it scans: Ray restarts it and retries the shard; the tables do not change."""
+    """SIGKILL the only worker while it scans: Ray restarts it and retries the shard; the tables do not change.
+    (The shard states go to a store outside the run folder, in a folder of the run's own.)"""
     out = tmp_path / "run"
-    cfg = _config(corpus, out, engine="ray", workers=1, shards=6)
+    cfg = _config(corpus, out, engine="ray", workers=1, shards=6, shard_store=str(tmp_path / "store"))
     result, errors = {}, []
 
     def scan():
@@ -151,7 +152,7 @@ def test_killed_worker_is_restarted_and_the_result_is_the_same(tiny_gpt2, corpus
     thread.start()
     shards = tmp_path / ".run.partial" / "shards"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(shards.glob("shard-*.json")):
+    while time.time() < deadline and not list((tmp_path / "store").glob("*/shard-*.json")):
         time.sleep(0.05)
     pid = json.loads((shards / "index.json").read_text())["workers"][0]["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -159,6 +160,7 @@ def test_killed_worker_is_restarted_and_the_result_is_the_same(tiny_gpt2, corpus
     assert not errors, errors
     index = json.loads((out / "shards" / "index.json").read_text())
     assert {s["pid"] for s in index["shards"].values()} - {pid}  # a restarted worker scanned the rest
+    assert not list((tmp_path / "store").iterdir())  # merged: the run's shard states and folder are gone
     with torch_threads(2):
         run_scan(_config(corpus, tmp_path / "one"), model=tiny_gpt2)
     assert compare_runs(tmp_path / "one", out) == []
