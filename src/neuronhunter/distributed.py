@@ -47,7 +47,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,7 +60,17 @@ from .data.batches import TokenLabeller
 from .errors import ConfigError, CorpusError, NeuronHunterError, RunDirError
 from .io import atomic_path, read_json, write_json
 from .runfolder import CHECKPOINT, RunFolder
-from .shards import CountOnce, Plan, ShardStore, compare_runs, in_file, peak_rss_mb, shard_ranges, tree_merge
+from .shards import (
+    CountOnce,
+    Plan,
+    ShardStore,
+    TreeMerge,
+    compare_runs,
+    in_file,
+    peak_rss_mb,
+    shard_ranges,
+    tree_merge,
+)
 from .stats.layer import Calibration
 from .stats.state import ScanState
 
@@ -396,8 +406,8 @@ def run_distributed_scan(
                 if r.get("run") == index["run"] and r.get("plan") == index["digest"]}
         for shard, rec in done.items():  # (a driver killed after a shard's record, before the index was updated)
             index.setdefault("shards", {}).setdefault(str(shard), _summary(rec))
+        # in shard order (shards are about equal): they tend to finish in order, so the merge keeps up with them
         todo = [s for s in range(plan.shards) if s not in done and plan.ranges[s]["windows"] > 0]
-        todo.sort(key=lambda s: (-plan.tokens[s], s))  # largest first: the last shards to finish are short
         log.info("Ray scan: %d shards (%d done, %d to scan, %d empty) on %d workers", plan.shards, len(done),
                  len(todo), plan.shards - len(done) - len(todo), n_workers)
         index["workers"] = [{"host": i["host"], "pid": i["pid"], "threads": i["threads"], "device": i["device"]}
@@ -407,14 +417,18 @@ def run_distributed_scan(
         write_json(meta_dir / INDEX, index)
         bar = _Progress(progress, sum(plan.tokens))
         bar.done = sum(int(r["tokens"]) for r in done.values())
+        merge = _OrderedMerge(store, plan, index, sorted([*done, *todo]))
+        for shard in sorted(done):
+            merge.add(shard)
         t2 = time.perf_counter()
         scanned = _schedule(session, new_worker, todo, plan, calibration, store, record, bar, index, meta_dir,
-                            starts)
+                            starts, merge)
         timings["scan_s"] = time.perf_counter() - t2
-        session.shutdown()  # free the workers' memory before the merge
+        timings["merge_during_scan_s"] = merge.seconds
+        session.shutdown()  # free the workers' memory before the rest of the merge
         done.update(scanned)
         t3 = time.perf_counter()
-        state = _merge(store, plan, index, sorted(done))
+        state = merge.result()
         timings["merge_s"] = time.perf_counter() - t3
         if labeller is not None and isinstance(getattr(labeller, "cooccurrence", None), np.ndarray):
             for r in done.values():
@@ -496,8 +510,10 @@ def _calibration(meta_dir: Path, worker: Any, index: dict[str, Any], resumed: bo
 
 def _schedule(session: _Ray, new_worker: Callable[[], Any], todo: list[int], plan: Plan,
               calibration: dict[int, dict[str, Any]], store: ShardStore, record: dict[str, Any], bar: _Progress,
-              index: dict[str, Any], meta_dir: Path, starts: list[Any]) -> dict[int, dict[str, Any]]:
-    """Hand the shards out to the workers (one at a time each) until all are scanned; returns their records."""
+              index: dict[str, Any], meta_dir: Path, starts: list[Any],
+              merge: _OrderedMerge) -> dict[int, dict[str, Any]]:
+    """Hand the shards out to the workers (one at a time each) until all are scanned, merging them as they come
+    (:class:`_OrderedMerge`); returns their records."""
     import ray
 
     queue = list(todo)
@@ -539,6 +555,9 @@ def _schedule(session: _Ray, new_worker: Callable[[], Any], todo: list[int], pla
             index.setdefault("shards", {})[str(shard)] = {**_summary(rec), "session": index.get("resumes", 0)}
             write_json(meta_dir / INDEX, index)
             idle.append(slot)
+            if queue:  # keep the workers busy first
+                submit(idle.pop(0), queue.pop(0))
+            merge.add(shard)
         now = time.perf_counter()
         if running and now - last_poll >= POLL_S:
             last_poll = now
@@ -560,23 +579,45 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in keys if k in record}
 
 
-def _merge(store: ShardStore, plan: Plan, index: dict[str, Any], shards: list[int]) -> ScanState | None:
-    """Load the finished shards in shard order and tree-merge them (each checked against the plan first)."""
+class _OrderedMerge:
+    """Merges finished shards in shard order while the others are still being scanned: shard ``i`` is loaded,
+    checked against the plan and pushed into the :class:`TreeMerge` as soon as shards ``0 .. i-1`` are in, so the
+    result (and its float rounding) is the same whatever order the shards finish in, and little is left to merge
+    after the last one."""
 
-    def states() -> Iterator[ScanState]:
-        for shard in shards:
-            state, extra = store.load_state(shard)
-            if extra.get("run") != index["run"] or extra.get("plan") != index["digest"]:
-                raise RunDirError(f"shard {shard} in {store.location} belongs to another scan; start again with "
-                                  "--overwrite")
-            if state.model_fp != plan.model_fp or state.settings != plan.settings:
-                raise RunDirError(f"shard {shard} was scanned with other model weights or settings")
-            if state.tokens != plan.tokens[shard]:
-                raise RunDirError(f"shard {shard} counted {state.tokens:,} tokens, its plan {plan.tokens[shard]:,}: "
-                                  "the corpus changed during the scan; start again with --overwrite")
-            yield state
+    def __init__(self, store: ShardStore, plan: Plan, index: dict[str, Any], shards: list[int]) -> None:
+        self.store, self.plan, self.index = store, plan, index
+        self.order = sorted(shards)  # every shard with windows
+        self.ready: set[int] = set()
+        self.at = 0
+        self.tree = TreeMerge()
+        self.seconds = 0.0
 
-    return tree_merge(states())
+    def add(self, shard: int) -> None:
+        """Shard ``shard`` is finished: merge it and any later ones now next in order."""
+        self.ready.add(shard)
+        t = time.perf_counter()
+        while self.at < len(self.order) and self.order[self.at] in self.ready:
+            self.tree.push(self._load(self.order[self.at]))
+            self.at += 1
+        self.seconds += time.perf_counter() - t
+
+    def result(self) -> ScanState | None:
+        if self.at < len(self.order):
+            raise RunDirError(f"shard {self.order[self.at]} is missing from {self.store.location}")
+        return self.tree.result()
+
+    def _load(self, shard: int) -> ScanState:
+        state, extra = self.store.load_state(shard)
+        if extra.get("run") != self.index["run"] or extra.get("plan") != self.index["digest"]:
+            raise RunDirError(f"shard {shard} in {self.store.location} belongs to another scan; start again with "
+                              "--overwrite")
+        if state.model_fp != self.plan.model_fp or state.settings != self.plan.settings:
+            raise RunDirError(f"shard {shard} was scanned with other model weights or settings")
+        if state.tokens != self.plan.tokens[shard]:
+            raise RunDirError(f"shard {shard} counted {state.tokens:,} tokens, its plan {self.plan.tokens[shard]:,}: "
+                              "the corpus changed during the scan; start again with --overwrite")
+        return state
 
 
 def _finish(cfg: ScanConfig, model: HookedModel | None, labeller: TokenLabeller | None, state: ScanState,

@@ -27,7 +27,7 @@ from .data.batches import TokenLabeller
 from .io import read_json, write_json
 from .stats.state import ScanState, dump_state, read_state, save_state
 
-__all__ = ["CountOnce", "Plan", "ShardStore", "compare_runs", "in_file", "peak_rss_mb", "shard_name",
+__all__ = ["CountOnce", "Plan", "ShardStore", "TreeMerge", "compare_runs", "in_file", "peak_rss_mb", "shard_name",
            "shard_ranges", "tree_merge"]
 
 def shard_name(shard: int) -> str:
@@ -275,24 +275,42 @@ class CountOnce:
 
 
 # ----------------------------------------------------------------------------------------------------- merge
-def tree_merge(states: Iterator[ScanState]) -> ScanState | None:
-    """Merge states pairwise in a fixed tree over their order: ``((s0+s1)+(s2+s3))+...``, holding at most
-    log2(n) + 1 states in memory (a binary counter). The order, not the arrival time, fixes the float rounding."""
-    stack: list[tuple[int, ScanState]] = []
-    for state in states:
+class TreeMerge:
+    """Merge states pairwise in a fixed tree over the order they are pushed in: ``((s0+s1)+(s2+s3))+...``, holding
+    at most log2(n) + 1 states in memory (a binary counter). The order, not the arrival time, fixes the float
+    rounding of the merged moments."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[int, ScanState]] = []
+        self.count = 0
+
+    def push(self, state: ScanState) -> None:
         level = 0
-        while stack and stack[-1][0] == level:
-            _, left = stack.pop()
+        while self.stack and self.stack[-1][0] == level:
+            _, left = self.stack.pop()
             state = left.merge(state)
             level += 1
-        stack.append((level, state))
-    if not stack:
-        return None
-    _, out = stack.pop()
-    while stack:
-        _, left = stack.pop()
-        out = left.merge(out)
-    return out
+        self.stack.append((level, state))
+        self.count += 1
+
+    def result(self) -> ScanState | None:
+        """The merge of everything pushed (None when nothing was)."""
+        if not self.stack:
+            return None
+        _, out = self.stack.pop()
+        while self.stack:
+            _, left = self.stack.pop()
+            out = left.merge(out)
+        self.stack = [(0, out)]
+        return out
+
+
+def tree_merge(states: Iterator[ScanState]) -> ScanState | None:
+    """:class:`TreeMerge` of ``states`` in their order."""
+    tree = TreeMerge()
+    for state in states:
+        tree.push(state)
+    return tree.result()
 
 
 # ------------------------------------------------------------------------------------------------ comparing
