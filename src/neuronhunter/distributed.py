@@ -396,7 +396,8 @@ def run_distributed_scan(
         plan = Plan(shards=cfg.shards, config=resume_key(cfg) | {"engine": "ray"}, model_fp=infos[0]["model_fp"],
                     settings=infos[0]["settings"], corpus=planned["corpus"],
                     stop=tuple(planned["stop"]) if planned["stop"] else None, ranges=planned["ranges"])
-        index, resumed = _open_index(meta_dir, plan, resumed=folder is not None and folder.resumed)
+        index, resumed = _open_index(meta_dir, plan, config_defaults(cfg),
+                                     resumed=folder is not None and folder.resumed)
         # another store holds each run's shards in a folder of its own (two runs may share a store)
         store = ShardStore(f"{cfg.shard_store.rstrip('/')}/{index['run']}" if cfg.shard_store else meta_dir)
         calibration = _calibration(meta_dir, session.workers[0], index, resumed)
@@ -472,19 +473,25 @@ def _check_resumable(folder: RunFolder, cfg: ScanConfig) -> None:
     old = Plan.from_json(read_json(path)["plan"])
     new = Plan(shards=cfg.shards, config=resume_key(cfg) | {"engine": "ray"}, model_fp=old.model_fp,
                settings=old.settings, corpus=old.corpus, stop=old.stop, ranges=old.ranges)
-    reason = old.difference(new)
+    reason = old.difference(new, config_defaults(cfg))
     if reason is not None:
         raise RunDirError(f"cannot resume: the interrupted scan used {reason}; start again with --overwrite")
 
 
-def _open_index(meta_dir: Path, plan: Plan, *, resumed: bool) -> tuple[dict[str, Any], bool]:
+def config_defaults(cfg: ScanConfig) -> dict[str, Any]:
+    """The default of every option of ``cfg``'s class (as JSON values)."""
+    return type(cfg).model_construct().model_dump(mode="json")
+
+
+def _open_index(meta_dir: Path, plan: Plan, defaults: dict[str, Any], *,
+                resumed: bool) -> tuple[dict[str, Any], bool]:
     """The index of this run and whether it continues an earlier one: the stored index when resuming (after
     comparing plans), else a new one."""
     path = meta_dir / INDEX
     if resumed and path.is_file():
         index = read_json(path)
         old = Plan.from_json(index["plan"])
-        reason = old.difference(plan)
+        reason = old.difference(plan, defaults)
         if reason is not None:
             raise RunDirError(f"cannot resume: the interrupted scan used {reason}; start again with --overwrite")
         index["resumes"] = int(index.get("resumes", 0)) + 1

@@ -178,11 +178,18 @@ class Plan:
                    settings=data["settings"], corpus=data["corpus"], stop=tuple(stop) if stop else None,
                    ranges=[{k: int(v) for k, v in r.items()} for r in data["ranges"]])
 
-    def difference(self, other: Plan) -> str | None:
-        """What differs from ``other`` (a one-line reason), or None."""
-        if self.config != other.config:
-            changed = sorted(k for k in set(self.config) | set(other.config)
-                             if self.config.get(k) != other.config.get(k))
+    def difference(self, other: Plan, defaults: dict[str, Any] | None = None) -> str | None:
+        """What differs from ``other`` (a one-line reason), or None. A configuration key only one side has (an
+        option a newer version added) counts as equal when the other side's value is its default (``defaults``)."""
+        missing = object()
+        defaults = defaults or {}
+
+        def value(config: dict[str, Any], key: str) -> Any:
+            return config.get(key, defaults.get(key, missing))
+
+        changed = sorted(k for k in set(self.config) | set(other.config)
+                         if value(self.config, k) != value(other.config, k))
+        if changed:
             return f"a different configuration ({', '.join(changed)})"
         if self.shards != other.shards:
             return f"a different number of shards ({other.shards} vs {self.shards})"

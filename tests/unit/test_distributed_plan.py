@@ -202,3 +202,17 @@ def test_a_corpus_can_start_at_a_file_without_reading_the_files_before(tmp_path)
     assert started == whole[2:]
     with pytest.raises(CorpusError, match="gone"):
         list(Corpus(tmp_path, start=("x.jsonl", 0)))
+
+
+def test_plan_difference_names_what_changed_and_tolerates_new_options_at_their_default():
+    from neuronhunter.shards import Plan
+
+    old = Plan(4, {"top_k": 20, "corpus": "c"}, "m", "s", {"digest": "d"}, None, [{"windows": 1}])
+    newer = Plan(4, {"top_k": 20, "corpus": "c", "new_option": 1}, "m", "s", {"digest": "d"}, None, [{"windows": 1}])
+    assert old.difference(newer, {"new_option": 1}) is None  # an option added since, left at its default
+    assert old.difference(newer, {"new_option": 0}) == "a different configuration (new_option)"
+    assert old.difference(Plan(4, {"top_k": 5, "corpus": "c"}, "m", "s", {"digest": "d"}, None, [{"windows": 1}])) \
+        == "a different configuration (top_k)"
+    assert "shards" in old.difference(Plan(8, old.config, "m", "s", old.corpus, None, old.ranges))
+    assert "weights" in old.difference(Plan(4, old.config, "x", "s", old.corpus, None, old.ranges))
+    assert "corpus" in old.difference(Plan(4, old.config, "m", "s", {"digest": "e"}, None, old.ranges))
