@@ -275,6 +275,7 @@ class ScanResult:
                 "mean": cs.means().reshape(-1).numpy(),
                 "std": cs.stds().reshape(-1).numpy(),
                 "max": cs.max.double().reshape(-1).numpy(),
+                "min": cs.min.double().reshape(-1).numpy(),  # the negative direction's extreme
                 "count": np.repeat(cs.count.numpy(), d),
             }))
         return pd.concat(frames, ignore_index=True) if frames else None
