@@ -66,6 +66,10 @@ def print_scan_summary(result, *, top: int = 1) -> None:
         f"({'BOS prepended' if m['prepend_bos'] else 'no BOS'}), {len(m['layers'])} layers x "
         f"{m['neurons_per_layer']} neurons, {t.get('tokens_per_s', 0):.0f} tok/s"
     )
+    if result.environment.get("engine"):  # a Ray scan
+        console.print(f"Engine: {result.environment['engine']}; {int(t.get('shards_scanned', 0))} shards scanned now, "
+                      f"{int(t.get('shards_resumed', 0))} from before; merge {t.get('merge_s', 0):.1f} s after the "
+                      f"last shard ({t.get('merge_during_scan_s', 0):.1f} s while shards ran)")
     table = Table(title="Strongest neuron per layer (position 0 excluded)", show_lines=False)
     for col in ("layer", "neuron", "max", "mean", "active", "dead", "at"):
         table.add_column(col, justify="right", no_wrap=True)
