@@ -248,7 +248,7 @@ def test_row_and_join_paths_agree(planted, monkeypatch, heavy):
     sc = _scanner(planted, batch_size=3)
     state = run_heldout(sc)
     layer = state.layers[0]
-    assert (len(layer.join_pairs) == 0) == (heavy == 1) and (len(layer.row_pairs) == 0) == (heavy == 10**9)
+    assert (len(layer.join_feature) == 0) == (heavy == 1) and (layer.n_row == 0) == (heavy == 10**9)
     _same_sums(layer, planted["result"].state.layers[0])
 
 

@@ -97,25 +97,40 @@ class LayerScorer:
         self.pair_neuron = torch.from_numpy(pairs.neuron.astype(np.int64))
         self.pair_dir = torch.from_numpy(pairs.direction.astype(np.int64))
         feature = torch.from_numpy(pairs.feature.astype(np.int64))
-        # row path: features many pairs share; join path: the rest (see the module docstring)
+        # row path: features many pairs share; join path: the rest (see the module docstring). The accumulators
+        # hold the row-path pairs first, then the join-path pairs sorted by feature ("slots"); ``slot_pair`` maps
+        # a slot to its pair.
         uniq, inverse, per_feature = torch.unique(feature, return_inverse=True, return_counts=True)
         row = per_feature >= HEAVY
         self.row_features = uniq[row].contiguous()
         by_row = row[inverse]
-        self.row_pairs = torch.nonzero(by_row).view(-1)
-        self.row_local = torch.searchsorted(self.row_features, feature[self.row_pairs])
+        row_pairs = torch.nonzero(by_row).view(-1)
+        local = torch.searchsorted(self.row_features, feature[row_pairs])
+        n, s = self.pair_neuron[row_pairs], self.pair_dir[row_pairs]
+        self.row_a = local * (3 * d) + n  # where each row pair's values sit in the row path's [R, 3 * d] sums
+        self.row_code = self.row_a + (1 + s) * d
         join = torch.nonzero(~by_row).view(-1)
-        order = torch.argsort(feature[join], stable=True)
-        self.join_pairs = join[order]
-        self.join_feature = feature[self.join_pairs].contiguous()
+        join = join[torch.argsort(feature[join], stable=True)]
+        self.join_feature = feature[join].contiguous()
+        self.join_a = self.pair_neuron[join]  # offset of a pair's a / code in a token's row of Y
+        self.join_code = self.join_a + (1 + self.pair_dir[join]) * d
+        self.n_row = len(row_pairs)
+        self.slot_pair = torch.cat([row_pairs, join])
         tn, td, tf = (torch.from_numpy(np.asarray(x, dtype=np.int64)) for x in tokset)
         order = torch.argsort(tf, stable=True)
         self.tok_neuron, self.tok_dir, self.tok_feature = tn[order], td[order], tf[order]
-        self.acc = torch.zeros((2, self.n_pairs, 2), dtype=F64)  # per fold and pair: sum of a, sum of codes
+        self.slots = torch.zeros((2, self.n_pairs, 2), dtype=F64)  # per fold and slot: sum of a, sum of codes
         self.count = torch.zeros(2, dtype=F64)  # tokens per fold
         self.sumsq = torch.zeros((2, d), dtype=F64)  # per fold: sum of a^2
         self.totals = torch.zeros((2, 3, d), dtype=F64)  # per fold and neuron: sum of a, sum of codes (+, -)
         self.features: Any = None  # set by the state: a callable (wids, mask, labels) -> BatchFeatures
+
+    @property
+    def acc(self) -> Tensor:
+        """``[2, pairs, 2]``: per fold and pair, the sum of ``a`` and of the codes (pair order)."""
+        out = torch.empty_like(self.slots)
+        out[:, self.slot_pair] = self.slots
+        return out
 
     @property
     def sum(self) -> Tensor:
@@ -161,12 +176,10 @@ class LayerScorer:
         self.sumsq += (bf.fold_onehot @ (a * a)).double()
         self.totals += (bf.fold_onehot @ flat).view(2, 3, d).double()
         if len(bf.occ_feature):
-            buf = torch.zeros((2, self.n_pairs, 2), dtype=torch.float32)
-            if len(self.row_pairs):
-                self._rows(bf, flat, buf)
-            if len(self.join_pairs):
-                self._join(bf, y.view(-1), buf)
-            self.acc += buf.double()
+            if self.n_row:
+                self._rows(bf, flat)
+            if len(self.join_feature):
+                self._join(bf, y.view(-1))
 
     def _membership(self, bf: BatchFeatures) -> Tensor:
         """``[2, T, d]``: token ``t`` is in neuron ``n``'s top-token set of direction ``s``."""
@@ -185,26 +198,24 @@ class LayerScorer:
         out[:, rows] = table[:, local]
         return out
 
-    def _rows(self, bf: BatchFeatures, flat: Tensor, buf: Tensor) -> None:
+    def _rows(self, bf: BatchFeatures, flat: Tensor) -> None:
         """Row path: per (fold, row feature) the sum of ``Y`` over its tokens (a sparse ``[2R, T]`` matrix times
-        ``Y``), then each pair reads its values."""
-        nr, d = len(self.row_features), self.d
+        ``Y``), then each pair takes its two values."""
+        nr = len(self.row_features)
         local = torch.searchsorted(self.row_features, bf.occ_feature).clamp(max=nr - 1)
         hit = self.row_features[local] == bf.occ_feature
         token = bf.occ_token[hit]
         index = torch.stack([bf.fold[token] * nr + local[hit], token])
         ones = torch.ones(index.shape[1], dtype=torch.float32)
         mat = torch.sparse_coo_tensor(index, ones, (2 * nr, bf.n_tokens), check_invariants=False)
-        sums = torch.sparse.mm(mat, flat).view(2, nr, 3, d)  # [fold, row feature, channel, neuron]
-        p = self.row_pairs
-        n, s = self.pair_neuron[p], self.pair_dir[p]
-        for k in (0, 1):  # each pair is in one row feature: plain assignment
-            buf[k, p, 0] = sums[k, self.row_local, 0, n]
-            buf[k, p, 1] = sums[k, self.row_local, 1 + s, n]
+        sums = torch.sparse.mm(mat, flat).view(2, -1)  # [fold, row feature * 3 * d]
+        for k in (0, 1):
+            self.slots[k, : self.n_row, 0] += sums[k][self.row_a]
+            self.slots[k, : self.n_row, 1] += sums[k][self.row_code]
 
-    def _join(self, bf: BatchFeatures, flat: Tensor, buf: Tensor) -> None:
-        """Join path: the batch's feature occurrences joined with the pairs sorted by feature; ``flat``: ``Y``
-        flattened."""
+    def _join(self, bf: BatchFeatures, flat: Tensor) -> None:
+        """Join path: the batch's feature occurrences joined with the join pairs (sorted by feature); ``flat``:
+        ``Y`` flattened."""
         keys = self.join_feature
         lo = torch.searchsorted(keys, bf.occ_feature, right=False)
         cnt = torch.searchsorted(keys, bf.occ_feature, right=True) - lo
@@ -214,10 +225,12 @@ class LayerScorer:
         token = bf.occ_token.repeat_interleave(cnt)
         first = torch.cumsum(cnt, 0) - cnt
         slot = torch.arange(total) + (lo - first).repeat_interleave(cnt)
-        pair = self.join_pairs[slot]
-        at = token * (3 * self.d) + self.pair_neuron[pair]
-        code = flat[at + (1 + self.pair_dir[pair]) * self.d]
-        buf.view(-1, 2).index_add_(0, bf.fold[token] * self.n_pairs + pair, torch.stack([flat[at], code], 1))
+        row = token * (3 * self.d)
+        values = torch.stack([flat[row + self.join_a[slot]], flat[row + self.join_code[slot]]], 1)
+        nj = len(keys)
+        buf = torch.zeros((2 * nj, 2), dtype=torch.float32)  # exact per chunk (see _update)
+        buf.index_add_(0, bf.fold[token] * nj + slot, values)
+        self.slots[:, self.n_row:] += buf.view(2, nj, 2).double()
 
     # ------------------------------------------------------------------------------------------- state
     def referenced_windows(self) -> Tensor:  # the scanner prunes stored windows by this: none are kept
@@ -229,7 +242,7 @@ class LayerScorer:
             raise ValueError(f"cannot merge held-out statistics of layer {self.layer}: different explanations "
                              "or thresholds")
 
-    STATE = ("acc", "count", "sumsq", "totals")
+    STATE = ("slots", "count", "sumsq", "totals")
 
     def merge(self, other: LayerScorer) -> LayerScorer:
         self.check_mergeable(other)
@@ -241,7 +254,7 @@ class LayerScorer:
         return {"layer": self.layer, **{name: getattr(self, name) for name in self.STATE}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["acc"].shape != self.acc.shape:
+        if state["slots"].shape != self.slots.shape:
             raise ValueError(f"held-out statistics of layer {self.layer} do not match these explanations")
         for name in self.STATE:
             setattr(self, name, state[name].clone())
