@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .io import atomic_path, write_json, write_table
+from .io import PARQUET_COMPRESSION, atomic_path, write_json, write_table
 from .stats.state import save_state
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ def write_examples(tables: Iterable[Any], path: Path) -> Path:
         for table in tables:
             table = _decoded(table)
             if writer is None:
-                writer = pq.ParquetWriter(str(tmp), table.schema)
+                writer = pq.ParquetWriter(str(tmp), table.schema, compression=PARQUET_COMPRESSION)
             writer.write_table(table)
         if writer is None:
             empty = pa.table({c: pa.array([], pa.string()) for c in EXAMPLE_COLUMNS})

@@ -302,6 +302,13 @@ def test_planted_run_folder(planted):
     concepts = read_table(out / "concepts.parquet")
     manifest = read_json(out / "manifest.json")
     assert manifest["kind"] == "hunt" and manifest["hunt"]["verdicts"]["dead"] >= 1
+    # one definition of "dead": the scan summary, browser and explorer (no verdicts) count what the hunt calls dead
+    from neuronhunter.judge.verdicts import dead_neurons
+
+    stats_only = neurons.drop(columns=[c for c in neurons.columns if c not in
+                                       ("layer", "neuron", "std", "min", "max", "first_min", "first_max")])
+    assert (dead_neurons(stats_only) == (neurons["verdict"] == "dead").to_numpy()).all()
+    assert dead_neurons(stats_only)[(neurons.layer == 0).to_numpy() & (neurons.neuron == DEAD).to_numpy()].all()
     assert {"verdict", "direction", "claim_category", "claim_categories", "flags", "precision", "recall", "f1",
             "auprc", "p_value", "q_value", "distinct_types", "crs", "dprime"} <= set(neurons.columns)
     assert len(directions) == 2 * len(neurons)

@@ -553,6 +553,7 @@ def verify_run(run: str | Path | None, model: HookedModel | None = None, config:
     from .interventions import corpus_batches, load_concept_labeller
 
     cfg = config or VerifyConfig()
+    run = Path(run) if run is not None else None
     if run is None and out is None:
         raise ConfigError("without a run folder, verify needs --claim, --corpus and --out")
     all_claims, settings = collect_claims(run, cfg, claims)

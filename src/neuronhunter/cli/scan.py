@@ -74,12 +74,14 @@ def print_scan_summary(result, *, top: int = 1) -> None:
     for col in ("layer", "neuron", "max", "mean", "active", "dead", "at"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("top example", no_wrap=True, overflow="ellipsis", max_width=60)
-    thr = result.config.threshold
     opener = 0 if result.config.include_first else 1  # the first counted position of a window
     flagged = 0
+    from ..judge.verdicts import dead_neurons  # the one definition of "dead"
+
+    is_dead = dead_neurons(neurons)
     for layer, group in neurons.groupby("layer"):
         best = group.nlargest(top, "max")
-        dead = int(((group["max"] <= thr) | (group["count"] == 0)).sum())
+        dead = int(is_dead[(neurons["layer"] == layer).to_numpy()].sum())
         for _, row in best.iterrows():
             key = (int(row["layer"]), int(row["neuron"]))
             ctx, at = (first.loc[key, "context"], int(first.loc[key, "window_pos"])) if key in first.index else ("", -1)
@@ -91,8 +93,8 @@ def print_scan_summary(result, *, top: int = 1) -> None:
     if flagged:
         console.print(f"at = position of the peak in its window; * = the window's first counted token, where massive "
                       f"activations are often positional artefacts ({flagged} of these rows; the hunt checks them)")
-    total_dead = int((neurons["max"] <= thr).sum())
-    console.print(f"Dead neurons (never above {thr}): {total_dead} of {len(neurons):,}")
+    console.print(f"Dead neurons (max - min <= 0.05 x the layer's median neuron sd, the hunt's rule): "
+                  f"{int(is_dead.sum())} of {len(neurons):,}")
 
 
 def register(app: typer.Typer) -> None:

@@ -26,6 +26,7 @@ from .thresholds import VERDICTS, VerdictThresholds
 from .verdicts import (
     DirectionScores,
     choose_direction,
+    dead_mask,
     decide,
     related_matrix,
     score_layer,
@@ -139,7 +140,7 @@ def judge_state(
     for feat, scores in layers:
         scale = feat.scale
         scales[feat.layer] = scale
-        dead = feat.range <= th.dead_range * scale
+        dead = dead_mask(feat.range, scale, th.dead_range)
         rows = {}
         decisions = {}
         for s in DIRECTIONS:

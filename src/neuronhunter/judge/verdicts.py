@@ -59,6 +59,38 @@ EPS = 1e-6
 RANK = {v: i for i, v in enumerate(VERDICTS)}
 
 
+def dead_mask(value_range: np.ndarray, scale: float, dead_range: float | None = None) -> np.ndarray:
+    """The one definition of a **dead** neuron: its activation never varies, ``max - min`` over every token
+    (position 0 included) ``<= dead_range * S``, ``S`` the layer's activation scale (median neuron standard
+    deviation). Sign-free, so both directions of a gated neuron agree."""
+    if dead_range is None:
+        dead_range = VerdictThresholds().dead_range
+    return np.asarray(value_range, dtype=np.float64) <= dead_range * scale
+
+
+def dead_neurons(neurons, dead_range: float | None = None) -> np.ndarray:
+    """:func:`dead_mask` over a ``neurons`` table (columns ``layer, std, min, max`` and, when present,
+    ``first_min, first_max``: position 0), each layer with its own scale; a boolean array in row order. Used by
+    the scan summary, the browser and the explorer for runs without verdicts."""
+    out = np.zeros(len(neurons), dtype=bool)
+    if not len(neurons) or not {"layer", "std", "min", "max"} <= set(neurons.columns):
+        return out
+    hi = neurons["max"].to_numpy(np.float64)
+    lo = neurons["min"].to_numpy(np.float64)
+    if {"first_min", "first_max"} <= set(neurons.columns):
+        hi = np.fmax(hi, np.nan_to_num(neurons["first_max"].to_numpy(np.float64), nan=-np.inf))
+        lo = np.fmin(lo, np.nan_to_num(neurons["first_min"].to_numpy(np.float64), nan=np.inf))
+    span = hi - lo
+    span = np.where(np.isfinite(span), span, 0.0)
+    layer = neurons["layer"].to_numpy()
+    std = neurons["std"].to_numpy(np.float64)
+    for value in np.unique(layer):
+        rows = layer == value
+        finite = std[rows][np.isfinite(std[rows])]
+        out[rows] = dead_mask(span[rows], float(np.median(finite)) if finite.size else 0.0, dead_range)
+    return out
+
+
 def related_matrix(categories: Sequence[str], pairs: Sequence[tuple[str, str]] = (),
                    cooccurrence: np.ndarray | None = None, overlap: float = 0.3) -> np.ndarray:
     """Bool ``[C, C]`` relation (reflexive, symmetric) from explicit ``pairs`` and label co-occurrence

@@ -374,10 +374,16 @@ def _explanations(run: Path, frame: Any) -> dict[tuple[int, int], str]:
     return {}
 
 
-def _layer_summary(layer: int, frame: Any, threshold: float) -> dict[str, Any]:
+def _layer_summary(layer: int, frame: Any) -> dict[str, Any]:
+    from ..judge.verdicts import dead_neurons  # the one definition of "dead"
+
     out = {"layer": layer, "neurons": len(frame)}
+    if "verdict" in frame.columns:
+        out["dead"] = int((frame["verdict"] == "dead").sum())
+    elif {"std", "min", "max"} <= set(frame.columns):
+        out["dead"] = int(dead_neurons(frame).sum())
     if "max" in frame.columns:
-        out.update(dead=int((frame["max"] <= threshold).sum()), max=_num(frame["max"].max()))
+        out["max"] = _num(frame["max"].max())
     if "frac_active" in frame.columns:
         out["frac_active"] = _num(frame["frac_active"].mean())
     if "verdict" in frame.columns:
@@ -440,7 +446,7 @@ def build_browser(
         if progress is not None:
             progress(i + 1, total)
     write_text(out / "data" / "contexts.js", data_file("contexts", 0, contexts.payload()))
-    summaries = [_layer_summary(layer, neurons[neurons["layer"] == layer], threshold) for layer in chosen]
+    summaries = [_layer_summary(layer, neurons[neurons["layer"] == layer]) for layer in chosen]
     ranked = neurons
     if "verdict" in ranked.columns:  # the sequence-starter trap: positional and dead neurons do not lead the list
         ranked = ranked[~ranked["verdict"].isin(["positional", "dead"])]

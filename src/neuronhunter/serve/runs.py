@@ -329,13 +329,16 @@ class Run:
     def _build_summary(self) -> dict[str, Any]:
         cols = self.columns(NEURONS)
         src, arrow = self.view(NEURONS)
-        threshold = float(self.config.get("threshold", 0.0) or 0.0)
         parts = ["layer", "count(*) AS neurons"]
         if "max" in cols:
-            parts += [f"count(*) FILTER (WHERE \"max\" <= {threshold!r}) AS dead", 'max("max") AS max']
+            parts.append('max("max") AS max')
         if "frac_active" in cols:
             parts.append("avg(frac_active) AS frac_active")
         layers = self.db.rows(f"SELECT {', '.join(parts)} FROM {src} GROUP BY layer ORDER BY layer", arrow=arrow)
+        dead = self._dead_by_layer(cols, src, arrow)
+        for row in layers:
+            if dead is not None:
+                row["dead"] = dead.get(int(row["layer"]), 0)
         verdicts: dict[str, int] = {}
         if "verdict" in cols:
             by_layer: dict[int, dict[str, int]] = {}
@@ -360,6 +363,24 @@ class Run:
             "champion": self._champion(cols), "tables": [NEURONS, *(["examples"] if self.file(EXAMPLES) else []),
                                                          *self.tables()],
         })
+
+    def _dead_by_layer(self, cols: dict[str, str], src: str, arrow: Any) -> dict[int, int] | None:
+        """Dead neurons per layer: the hunt's verdict where there is one, else the judge's one definition
+        (:func:`neuronhunter.judge.verdicts.dead_neurons`) over the scan's statistics."""
+        if "verdict" in cols:
+            rows = self.db.rows(f"SELECT layer, count(*) FILTER (WHERE verdict = 'dead') AS n FROM {src} "
+                                "GROUP BY layer", arrow=arrow)
+            return {int(r["layer"]): int(r["n"]) for r in rows}
+        need = [c for c in ("layer", "std", "min", "max", "first_min", "first_max") if c in cols]
+        if not {"layer", "std", "min", "max"} <= set(need):
+            return None
+        import pandas as pd
+
+        from ..judge.verdicts import dead_neurons
+
+        frame = pd.DataFrame(self.db.rows(f"SELECT {', '.join(need)} FROM {src}", arrow=arrow))
+        mask = dead_neurons(frame)
+        return {int(k): int(v) for k, v in pd.Series(mask).groupby(frame["layer"].to_numpy()).sum().items()}
 
     def _champion(self, cols: dict[str, str]) -> dict[str, Any] | None:
         champ = self.hunt_info.get("champion")
