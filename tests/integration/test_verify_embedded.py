@@ -89,8 +89,10 @@ def test_start_at_layer_and_probes_on_the_embedded_model(embedded, heldout_batch
 
 
 def test_colour_neuron_on_heldout_text(embedded, heldout_batches):
-    """L20.N882, the hunt's colour neuron, on held-out documents: ablating it at colour words costs far more than
-    ablating 50 same-layer neurons that perturb the residual stream exactly as much."""
+    """L20.N882, the hunt's colour neuron, on held-out documents. Mean-ablating it at colour words raises the loss
+    there, but 50 same-layer neurons forced to write a vector of exactly the same norm at the same tokens cost about
+    as much (measured: 0.018 vs 0.026 nats on 8 tokens; 0.078 vs 0.039 on 64 tokens of 8,192, p_neuron 0.18): the
+    matched null does not confirm the claim that the unmatched random-neuron comparison of the old verify did."""
     from neuronhunter.causal.claims import parse_claim
     from neuronhunter.causal.verification import VerifyConfig, verify_claims
 
@@ -98,6 +100,9 @@ def test_colour_neuron_on_heldout_text(embedded, heldout_batches):
     cfg = VerifyConfig(max_claim_tokens=8, max_nulls=50, steer=False, attribution=False)
     df, summary = verify_claims(embedded, batches, [parse_claim("20:882=color")], labeller.categories, cfg)
     r = df.iloc[0]
-    assert r.n_tokens == 8 and r.n_nulls == 50 and summary["n_documents"] > 1
-    assert r.causal_effect > 0.05 and r.causal_effect > 3 * r.null_neuron_mean
-    assert r.p_neuron <= 0.05
+    assert r.n_tokens == 8 and r.n_nulls == 50 and summary["n_documents"] > 1 and r.verdict != "dead"
+    assert r.causal_effect > 0.005 and r.perturbation > 0  # ablation hurts at colour words ...
+    assert r.null_neuron_mean > 0.5 * r.causal_effect  # ... but equally sized perturbations hurt about as much
+    assert 0.2 < r.p_neuron <= 1 and not r.causally_confirmed
+    again, _ = verify_claims(embedded, batches, [parse_claim("20:882=color")], labeller.categories, cfg)
+    assert again.iloc[0].causal_effect == r.causal_effect and again.iloc[0].p_value == r.p_value  # seeded

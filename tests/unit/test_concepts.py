@@ -80,7 +80,7 @@ def test_adding_a_category_is_adding_a_list(gpt2_tok):
 def test_default_lexicon_has_the_categories_and_a_control():
     lab = ConceptLabeller(None)
     assert {"date", "location", "animal", "food", "numeric", "language", "vehicle", "color"} <= set(lab.categories)
-    assert lab.control == ["function"]
+    assert lab.control == ["function", "noun"]  # control classes: function words, nouns in general
     lex = load_lexicon(None)
     for name in ("animal", "food", "location", "language", "vehicle", "color"):
         assert len(lex.categories[name].words) >= 150, name
@@ -101,12 +101,12 @@ def test_lexicon_and_hunt_config_reject_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="bad pattern"):
         load_lexicon({"categories": {"animal": {"patterns": ["("]}}})
     bad = tmp_path / "hunt.yaml"
-    bad.write_text("thresholds:\n  dprime_min: 2\n  colour: red\n", encoding="utf-8")
+    bad.write_text("thresholds:\n  floor: 2\n  colour: red\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="thresholds.colour: unknown key"):
         load_config(HuntConfig, bad)
     good = tmp_path / "ok.yaml"
     good.write_text("max_tokens: 100\ncategories:\n  planet: {words: [mars]}\n  function: {control: true, "
-                    "words: [the]}\nthresholds: {dprime_min: 2}\n", encoding="utf-8")
+                    "words: [the]}\nthresholds: {floor: 3}\n", encoding="utf-8")
     cfg = load_config(HuntConfig, good)
-    assert cfg.corpus == "master" and cfg.thresholds.dprime_min == 2
+    assert cfg.corpus == "master" and cfg.thresholds.floor == 3
     assert cfg.labeller().categories == ["planet", "function"]
