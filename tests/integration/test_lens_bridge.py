@@ -40,5 +40,9 @@ def test_bridge_matches_neuronhunter_hooks(embedded):
     for site in sites:
         assert torch.allclose(cache[str(site)], ours[site], atol=1e-4), site
     assert torch.allclose(lens_logits, logits, atol=1e-3)
-    # the weights are shared, not copied
-    assert bridge.original_model is embedded.model
+    # the weights are shared, not copied; the model's own modules are left alone (no bridge components in it)
+    assert bridge.original_model is not embedded.model
+    w = embedded.model.model.embed_tokens.weight
+    assert bridge.original_model.model.embed_tokens.weight.data_ptr() == w.data_ptr()
+    assert type(embedded.final_norm()).__module__.startswith("transformers.")
+    assert torch.equal(embedded.run_with_cache(ids, sites=sites)[0], logits)

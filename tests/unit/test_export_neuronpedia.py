@@ -129,7 +129,7 @@ def test_values_are_the_models_and_peak_where_the_scan_saw_it(exported):
         # one exemplar against a plain forward pass of its window (token ids from the scan's stats.pt)
         rec = mine.iloc[0]
         a = by[(int(rec.neuron), int(rec.window_pos) - 1, text[int(rec.window)])]
-        ids = windows[int(rec.window)][2]
+        ids = windows[int(rec.window)].ids
         _, cache = model.run_with_cache(torch.tensor([ids]), sites=[Site.mlp_post(layer)])
         want = cache[Site.mlp_post(layer)][0, 1:, int(rec.neuron)].numpy()  # BOS left out
         assert a["tokens"] == model.to_str_tokens(ids[1:]) and ids[0] == model.bos_token_id

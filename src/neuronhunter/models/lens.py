@@ -2,7 +2,7 @@
 
 neuronhunter's own hot paths (scan, hunt, verify) use plain PyTorch hooks on the HF model and never need
 TransformerLens. For its analysis tools (``ActivationCache`` utilities, its hook API, its notebooks), wrap an
-already loaded model without loading or copying weights::
+already loaded model without loading or copying weights (the module tree is copied, the tensors shared)::
 
     import neuronhunter as nh
     from neuronhunter.models.lens import to_transformer_lens
@@ -29,9 +29,12 @@ if TYPE_CHECKING:
 def to_transformer_lens(model: HookedModel) -> Any:
     """Wrap ``model``'s HF model and tokenizer in ``transformer_lens.model_bridge.TransformerBridge``.
 
-    The bridge shares the weights (no copy). TransformerLens switches the HF model to eager attention in place, so
-    later neuronhunter forward passes on the same model also run eager attention (same results, a little slower).
+    The bridge shares the weights (no copy) but wraps a copy of the module tree: TransformerLens replaces
+    submodules (norms, attention) with its bridge components and switches attention to eager in place, which would
+    otherwise change ``model`` itself under neuronhunter's own hooks and attribution.
     """
+    import copy
+
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
@@ -41,5 +44,7 @@ def to_transformer_lens(model: HookedModel) -> Any:
     source = info.get("converted_dir") or info.get("path") or info.get("hub_id") or model.name
     if info.get("source") == "gguf":
         raise ModelLoadError("a .gguf model cannot be wrapped by TransformerLens; convert it to an HF folder first")
-    return TransformerBridge.boot_transformers(source, hf_model=model.model, tokenizer=model.tokenizer,
+    shared = {id(t): t for t in (*model.model.parameters(), *model.model.buffers())}
+    hf_model = copy.deepcopy(model.model, memo=shared)  # new modules, the same weight tensors
+    return TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=model.tokenizer,
                                                device=str(model.device))
