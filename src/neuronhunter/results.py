@@ -59,6 +59,9 @@ def _decoded(table: Any) -> Any:
     return pa.table(cols)
 
 
+EXAMPLES_DICTIONARY_BYTES = 64 << 20
+
+
 def write_examples(tables: Iterable[Any], path: Path) -> Path:
     """Write the examples table layer by layer (one Parquet row group each; memory bounded by a layer)."""
     import pyarrow as pa
@@ -69,7 +72,10 @@ def write_examples(tables: Iterable[Any], path: Path) -> Path:
         for table in tables:
             table = _decoded(table)
             if writer is None:
-                writer = pq.ParquetWriter(str(tmp), table.schema, compression=PARQUET_COMPRESSION)
+                # text columns repeat a few thousand contexts millions of times: a dictionary page big enough for
+                # them halves the file (pyarrow's default 1 MB limit falls back to plain strings)
+                writer = pq.ParquetWriter(str(tmp), table.schema, compression=PARQUET_COMPRESSION,
+                                          dictionary_pagesize_limit=EXAMPLES_DICTIONARY_BYTES)
             writer.write_table(table)
         if writer is None:
             empty = pa.table({c: pa.array([], pa.string()) for c in EXAMPLE_COLUMNS})

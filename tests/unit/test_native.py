@@ -91,8 +91,8 @@ def test_turned_off_or_unbuildable_native_histogram_falls_back_to_bincount(monke
             h.add_masked(x, keep)
             np.testing.assert_array_equal(h.counts.numpy(), expected)
     assert [r.getMessage() for r in caplog.records] == [
-        "native histogram not available (cc failed: cc: fatal error: broken compiler); "
-        "histograms are filled by torch.bincount (slower)"]
+        "native statistics loops not available (cc failed: cc: fatal error: broken compiler); "
+        "histograms are filled by torch.bincount and exemplars by torch (slower)"]
     assert not list((tmp_path / "native").iterdir())  # no half-built library (or temp file) left behind
 
 
@@ -164,3 +164,53 @@ def test_compiled_kernel_index_path_equals_eager_when_native_is_off(monkeypatch)
     keep[:, 0] = False
     np.testing.assert_array_equal(fused.hist.counts.numpy(), _numpy_counts(bins, keep, 62))
     assert torch.equal(fused.hist.counts, eager.hist.counts) and torch.equal(fused.topk.pos, eager.topk.pos)
+
+
+def _exemplar_batches(seed: int, d: int, batches: int, n: int):
+    """Window peaks with many exact ties (values on a coarse grid), windows without a counted token (-inf), NaN and
+    +inf peaks, and one batch offered out of window order."""
+    g = torch.Generator().manual_seed(seed)
+    out, next_id = [], 0
+    for b in range(batches):
+        peak = torch.randint(-6, 7, (n, d), generator=g).float() / 2
+        peak[torch.rand(n, d, generator=g) < 0.05] = float("-inf")
+        peak[torch.rand(n, d, generator=g) < 0.01] = float("nan")
+        peak[torch.rand(n, d, generator=g) < 0.005] = float("inf")
+        pos = torch.randint(0, 128, (n, d), generator=g)
+        ids = torch.arange(next_id, next_id + n)
+        next_id += n
+        out.append((peak, pos, ids.flip(0) if b == 3 else ids))
+    return out
+
+
+@needs_native
+def test_native_exemplar_loops_equal_the_torch_updates():
+    from neuronhunter.stats.exemplars import BandSamples, TopK
+
+    d = 300
+    batches = _exemplar_batches(7, d, 40, 16)
+    scale = torch.rand(d, generator=torch.Generator().manual_seed(8)) * 3 + 0.01
+    scale[:3] = torch.tensor([0.0, 1e-40, 3.0])  # a zero scale is clamped alike in both
+    lists = {flag: (TopK(d, 5), BandSamples(d, scale, (0.0, 0.1, 0.3, 0.5, 0.7), 3, seed=4)) for flag in (False, True)}
+    for peak, pos, ids in batches:
+        for native, (top, bands) in lists.items():
+            top.update(peak, pos, ids, native=native)
+            bands.update(peak, pos, ids, native=native)
+    (t0, b0), (t1, b1) = lists[False], lists[True]
+    for name in ("values", "window", "pos"):
+        assert torch.equal(getattr(t0, name), getattr(t1, name)), name
+    for name in ("hash", "window", "pos"):
+        assert torch.equal(getattr(b0, name), getattr(b1, name)), name
+    assert torch.equal(b0.value.nan_to_num(-99.0), b1.value.nan_to_num(-99.0))
+    # the lists are real: full, with ties broken by the smaller window id, and every band of some neuron sampled
+    assert bool((t1.window >= 0).all())
+    tied = (t1.values[1:] == t1.values[:-1]) & (t1.window[1:] >= 0)
+    assert bool(tied.any()) and bool((t1.window[1:][tied] > t1.window[:-1][tied]).all())
+    assert bool((b1.window[:, 0] >= 0).any(1).all())
+    # and equal to one merge of everything, the order-free definition
+    top = TopK(d, 5)
+    for peak, pos, ids in batches:
+        other = TopK(d, 5)
+        other.update(peak, pos, ids)
+        top.merge(other)
+    assert torch.equal(top.window, t1.window) and torch.equal(top.values, t1.values)

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import native as _native
+
 HASH_EMPTY = np.iinfo(np.int64).max
 
 
@@ -52,9 +54,15 @@ class TopK:
         self.window = torch.full((k, d), -1, dtype=torch.long)
         self.pos = torch.zeros((k, d), dtype=torch.int32)
 
-    def update(self, wmax: Tensor, wpos: Tensor, window_ids: Tensor) -> None:
-        """Merge per-window maxima ``wmax [windows, d]`` found at positions ``wpos [windows, d]``."""
+    def update(self, wmax: Tensor, wpos: Tensor, window_ids: Tensor, *, native: bool = False) -> None:
+        """Merge per-window maxima ``wmax [windows, d]`` found at positions ``wpos [windows, d]``; a maximum that is
+        -inf or NaN (no counted token) offers nothing. ``native``: by the loop of ``exemplars.c`` where it is built
+        (the same result, tested)."""
         wmax = wmax.float().cpu()
+        if native and _native.library() is not None:
+            _native.topk_update(self.values, self.window, self.pos, wmax, wpos, window_ids)
+            return
+        wmax = torch.where(torch.isnan(wmax), float("-inf"), wmax)
         # only neurons with a window better than their current k-th enter the merge (once the top-k is full and
         # many windows have been seen, a small fraction of them). New windows have larger ids than held ones, so
         # a tie with the k-th never enters (the earlier window keeps it); merges compare ties by window id.
@@ -63,7 +71,7 @@ class TopK:
         if n == 0:
             return
         # a window without a counted token (peak -inf) is an empty slot
-        ids = torch.where(torch.isfinite(wmax), window_ids.view(-1, 1).cpu().to(torch.long), -1)
+        ids = torch.where(wmax > float("-inf"), window_ids.view(-1, 1).cpu().to(torch.long), -1)
         if 2 * n > self.d:  # most neurons (the first batches): merging all of them is cheaper than selecting
             self._merge_rows(wmax, ids, wpos.cpu())
             return
@@ -150,33 +158,55 @@ class BandSamples:
         rel = peak.float().cpu() / self.scale.clamp(min=1e-30)
         return torch.bucketize(rel.contiguous(), inner, right=True)
 
-    def update(self, peak: Tensor, pos: Tensor, window_ids: Tensor) -> None:
-        """Offer windows with peaks ``peak [windows, d]`` at positions ``pos [windows, d]`` (windows without a
-        counted token have peak -inf and are ignored)."""
+    def update(self, peak: Tensor, pos: Tensor, window_ids: Tensor, *, native: bool = False) -> None:
+        """Offer windows with peaks ``peak [windows, d]`` at positions ``pos [windows, d]`` (a peak that is not
+        finite, e.g. -inf for a window without a counted token, offers nothing). ``native``: by the loop of
+        ``exemplars.c`` where it is built (the same result, tested)."""
         peak = peak.float().cpu()
         n = peak.shape[0]
         if n == 0:
             return
         h = window_hash(window_ids.cpu().tolist(), self.seed)  # [n]
+        if native and _native.library() is not None:
+            _native.bands_update(self.hash, self.window, self.pos, self.value, self.scale.clamp(min=1e-30),
+                                 torch.tensor(self.fractions[1:], dtype=torch.float32), peak, pos, window_ids, h)
+            return
         band = self.band_of(peak)  # [n, d]
-        valid = torch.isfinite(peak)
+        # a window enters a neuron's band only if its hash beats the band's r-th (HASH_EMPTY while the band is not
+        # full); once the bands fill up, few (window, neuron) pairs do, so only their neurons are merged
+        enter = torch.isfinite(peak) & (h.view(-1, 1) < self.hash[:, -1, :].gather(0, band))  # [n, d]
+        hit = enter.any(0)
+        if not bool(hit.any()):
+            return
+        cols = torch.nonzero(hit).view(-1)
+        band, enter = band[:, cols], enter[:, cols]
+        c = cols.numel()
         b_idx = torch.arange(self.n_bands).view(-1, 1, 1)
-        mine = (band.unsqueeze(0) == b_idx) & valid.unsqueeze(0)  # [B, n, d]
-        cand_hash = torch.where(mine, h.view(1, -1, 1), HASH_EMPTY)
-        self._merge(cand_hash, window_ids.cpu().to(torch.int64).view(1, -1, 1).expand(self.n_bands, n, self.d),
-                    pos.cpu().to(torch.int32).unsqueeze(0).expand(self.n_bands, n, self.d),
-                    peak.unsqueeze(0).expand(self.n_bands, n, self.d))
+        mine = (band.unsqueeze(0) == b_idx) & enter.unsqueeze(0)  # [B, n, c]
+        shape = (self.n_bands, n, c)
+        self._merge(torch.where(mine, h.view(1, -1, 1), HASH_EMPTY),
+                    window_ids.cpu().to(torch.int64).view(1, -1, 1).expand(shape),
+                    pos.cpu()[:, cols].to(torch.int32).unsqueeze(0).expand(shape),
+                    peak[:, cols].unsqueeze(0).expand(shape), cols)
 
-    def _merge(self, hash_: Tensor, window: Tensor, pos: Tensor, value: Tensor) -> None:
-        hashes = torch.cat([self.hash, hash_], dim=1)
-        if not bool((hashes[:, self.r:] < self.hash[:, -1:].expand_as(hashes[:, self.r:])).any()):
-            return  # no offered window beats any band's r-th
-        order = hashes.argsort(dim=1, stable=True)[:, : self.r]  # equal hashes only for the same window
-        self.hash = hashes.gather(1, order)
-        self.window = torch.cat([self.window, window], dim=1).gather(1, order)
-        self.window = torch.where(self.hash == HASH_EMPTY, -1, self.window)
-        self.pos = torch.cat([self.pos, pos], dim=1).gather(1, order)
-        self.value = torch.cat([self.value, value], dim=1).gather(1, order)
+    def _merge(self, hash_: Tensor, window: Tensor, pos: Tensor, value: Tensor, cols: Tensor | None = None) -> None:
+        """Keep, per band and neuron (all, or the neurons ``cols``), the ``r`` smallest hashes of the held and the
+        offered entries (``[B, m, d or len(cols)]``)."""
+        def held(t: Tensor) -> Tensor:
+            return t if cols is None else t[:, :, cols]
+
+        hashes = torch.cat([held(self.hash), hash_], dim=1)
+        # sort along the last dimension (contiguous), equal hashes only for the same window
+        order = hashes.transpose(1, 2).contiguous().argsort(dim=2, stable=True)[:, :, : self.r].transpose(1, 2)
+        new_hash = hashes.gather(1, order)
+        new_window = torch.where(new_hash == HASH_EMPTY, -1, torch.cat([held(self.window), window], dim=1).gather(1, order))
+        new_pos = torch.cat([held(self.pos), pos], dim=1).gather(1, order)
+        new_value = torch.cat([held(self.value), value], dim=1).gather(1, order)
+        if cols is None:
+            self.hash, self.window, self.pos, self.value = new_hash, new_window, new_pos, new_value
+        else:
+            self.hash[:, :, cols], self.window[:, :, cols] = new_hash, new_window
+            self.pos[:, :, cols], self.value[:, :, cols] = new_pos, new_value
 
     def same_bands(self, other: BandSamples) -> bool:
         return (other.d, other.r, other.seed, other.fractions) == (self.d, self.r, self.seed, self.fractions) and \

@@ -26,6 +26,7 @@ from .accumulators import Histogram, Moments, PositionStats, add_group_bins
 from .concepts import ConceptStats, label_bits
 from .exemplars import BandSamples, TopK
 from .kernels import reduce_batch
+from . import native as _native
 from .native import usable as native_histogram_usable
 from .tokens import counted_tokens
 
@@ -152,10 +153,12 @@ class LayerStats:
             self.hist.add_bins(r.bins)
             if groups is not None and group_counts is not None:
                 add_group_bins(group_counts, r.bins.view(b * t, d), groups, self.hist.trash)
-        self.topk.update(r.wmax, r.wpos, window_ids)
-        self.bottomk.update(-r.wmin, r.wminpos, window_ids)
-        self.bands_pos.update(r.wmax, r.wpos, window_ids)
-        self.bands_neg.update(-r.wmin, r.wminpos, window_ids)
+        # the exemplar loops of exemplars.c go with the compiled statistics (``--no-compile`` turns them off)
+        ex = self.compile and _native.library() is not None
+        self.topk.update(r.wmax, r.wpos, window_ids, native=ex)
+        self.bottomk.update(-r.wmin, r.wminpos, window_ids, native=ex)
+        self.bands_pos.update(r.wmax, r.wpos, window_ids, native=ex)
+        self.bands_neg.update(-r.wmin, r.wminpos, window_ids, native=ex)
         if concepts is not None:
             concepts.update(acts.reshape(b * t, d).float(), labels.reshape(b * t, -1).to(acts.device),
                             keep=keep.view(-1))

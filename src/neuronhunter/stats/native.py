@@ -1,4 +1,5 @@
-"""The one piece of the scan that is not plain torch: the per-neuron histogram loop (``histogram.c``).
+"""The pieces of the scan that are not plain torch: the per-neuron histogram loop (``histogram.c``) and the
+exemplar updates (``exemplars.c``: top-k windows and band samples, see :mod:`~neuronhunter.stats.exemplars`).
 
 Filling every neuron's histogram is a scatter of increments, which neither inductor nor ``torch.bincount`` does
 fast on CPU: ``bincount`` is a serial loop over a flat index that the fused kernel first has to write (4 bytes per
@@ -29,7 +30,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("histogram.c")
+SOURCES = (Path(__file__).with_name("histogram.c"), Path(__file__).with_name("exemplars.c"))
 _lib: ctypes.CDLL | None = None
 _failed = False
 
@@ -59,13 +60,13 @@ def _torch_uses_gomp() -> bool:
 
 
 def _build(cc: str, target: Path, variants: tuple[list[str], ...]) -> None:
-    """Compile ``histogram.c`` into ``target`` (atomically) with the first of the flag ``variants`` that builds."""
+    """Compile the sources into ``target`` (atomically) with the first of the flag ``variants`` that builds."""
     from ..io import atomic_path
 
     with atomic_path(target) as tmp:
         errors = []
         for flags in variants:
-            cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", *flags, str(SOURCE), "-o", str(tmp)]
+            cmd = [cc, "-O3", "-std=c99", "-shared", "-fPIC", *flags, *map(str, SOURCES), "-o", str(tmp)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode == 0:
                 return
@@ -83,7 +84,7 @@ def _load() -> ctypes.CDLL:
         raise OSError("no C compiler found")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     variants = (["-fopenmp"], []) if _torch_uses_gomp() else ([],)  # with OpenMP where it is torch's, else serial
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((cc, version, platform.machine(), variants)).encode())
+    key = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES) + repr((cc, version, platform.machine(), variants)).encode())
     target = cache_dir() / "native" / f"histogram-{key.hexdigest()[:16]}.so"
     if not target.exists():
         _build(cc, target, variants)
@@ -93,6 +94,11 @@ def _load() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.nh_topk_update.restype = None
+    lib.nh_topk_update.argtypes = [p, p, p, i64, i64, i64, p, p, p]
+    lib.nh_bands_update.restype = None
+    lib.nh_bands_update.argtypes = [p, p, p, p, i64, i64, p, p, i64, i64, p, p, p, p]
     return lib
 
 
@@ -104,7 +110,8 @@ def library() -> ctypes.CDLL | None:
             _lib = _load()
         except (OSError, subprocess.SubprocessError) as exc:
             _failed = True
-            log.warning("native histogram not available (%s); histograms are filled by torch.bincount (slower)",
+            log.warning("native statistics loops not available (%s); histograms are filled by torch.bincount and "
+                        "exemplars by torch (slower)",
                         str(exc).strip()[:200] or type(exc).__name__)
     return _lib if enabled() else None
 
@@ -161,3 +168,53 @@ def add_histogram(counts: Tensor, x: Tensor, keep: Tensor, scale: Tensor, shift:
     lib.nh_histogram_f32(rows.data_ptr(), flags.data_ptr(), rows.shape[0], d, rows.stride(0), scale.data_ptr(),
                          shift.data_ptr(), top, counts.shape[1], counts.data_ptr(), g_ptr, n_groups, gc_ptr,
                          torch.get_num_threads())
+
+
+def _rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x.detach().cpu().to(dtype).contiguous()
+
+
+def _held(t: Tensor, dtype: torch.dtype, name: str) -> None:
+    if t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError(f"{name} must be a contiguous {dtype} CPU tensor")
+
+
+def topk_update(values: Tensor, window: Tensor, pos: Tensor, peak: Tensor, peak_pos: Tensor,
+                window_ids: Tensor) -> None:
+    """Offer windows (peaks ``[n, d]`` at positions ``peak_pos [n, d]``, ids ``window_ids [n]``) to the top-k lists
+    ``values [k, d]`` (float32), ``window [k, d]`` (int64), ``pos [k, d]`` (int32), in place (``exemplars.c``)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native exemplar loop is not available")
+    _held(values, torch.float32, "values")
+    _held(window, torch.int64, "window")
+    _held(pos, torch.int32, "pos")
+    k, d = values.shape
+    peak, peak_pos, ids = _rows(peak, torch.float32), _rows(peak_pos, torch.int64), _rows(window_ids, torch.int64)
+    if peak.shape[1:] != (d,) or peak_pos.shape != peak.shape or ids.shape != peak.shape[:1]:
+        raise ValueError("peaks, positions and window ids do not match the lists")
+    lib.nh_topk_update(peak.data_ptr(), peak_pos.data_ptr(), ids.data_ptr(), peak.shape[0], d, k,
+                       values.data_ptr(), window.data_ptr(), pos.data_ptr())
+
+
+def bands_update(hash_: Tensor, window: Tensor, pos: Tensor, value: Tensor, scale: Tensor, inner: Tensor,
+                 peak: Tensor, peak_pos: Tensor, window_ids: Tensor, window_hashes: Tensor) -> None:
+    """Offer windows to band samples ``hash_, window [B, r, d]`` (int64), ``pos`` (int32), ``value`` (float32), in
+    place; ``scale [d]`` clamped to > 0 and ``inner [B - 1]`` the inner band edges (``exemplars.c``)."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native exemplar loop is not available")
+    _held(hash_, torch.int64, "hash")
+    _held(window, torch.int64, "window")
+    _held(pos, torch.int32, "pos")
+    _held(value, torch.float32, "value")
+    n_bands, r, d = hash_.shape
+    peak, peak_pos = _rows(peak, torch.float32), _rows(peak_pos, torch.int64)
+    ids, hashes = _rows(window_ids, torch.int64), _rows(window_hashes, torch.int64)
+    scale, inner = _rows(scale, torch.float32), _rows(inner, torch.float32)
+    if peak.shape[1:] != (d,) or peak_pos.shape != peak.shape or ids.shape != peak.shape[:1] or \
+            hashes.shape != ids.shape or scale.shape != (d,) or inner.shape != (n_bands - 1,):
+        raise ValueError("peaks, positions, window ids, hashes, scales or band edges do not match the samples")
+    lib.nh_bands_update(peak.data_ptr(), peak_pos.data_ptr(), ids.data_ptr(), hashes.data_ptr(), peak.shape[0], d,
+                        scale.data_ptr(), inner.data_ptr(), n_bands, r, hash_.data_ptr(), window.data_ptr(),
+                        pos.data_ptr(), value.data_ptr())
