@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import native as _native
 from .accumulators import Histogram, Moments, PositionStats, add_group_bins
 from .concepts import ConceptStats, label_bits
 from .exemplars import BandSamples, TopK
 from .kernels import reduce_batch
-from . import native as _native
 from .native import usable as native_histogram_usable
 from .tokens import counted_tokens
 
