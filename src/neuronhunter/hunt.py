@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from .config import ScanConfig
 from .data.concepts import CategorySpec, ConceptLabeller, Lexicon, load_lexicon
 from .errors import ConfigError
-from .io import MANIFEST, write_json, write_table
+from .io import MANIFEST, compact_floats, write_json, write_table
 from .judge.judgement import (
     PER_CATEGORY,
     SCORE_COLUMNS,
@@ -220,8 +220,8 @@ class HuntResult:
         :meth:`RunFolder.commit`, or :func:`~neuronhunter.runfolder.updating` for a re-scored one)."""
         out = Path(out)
         write_table(self.neurons, out / "neurons", formats=formats)
-        write_table(self.directions, out / "directions", formats=formats)
-        write_table(self.concepts, out / "concepts", formats=formats)
+        write_table(compact_floats(self.directions), out / "directions", formats=formats)
+        write_table(compact_floats(self.concepts), out / "concepts", formats=formats)
         write_table(self.top, out / "top_neurons", formats=tuple(dict.fromkeys((*formats, "csv"))))  # small
         if self.lexicon is not None:
             write_json(out / LEXICON_FILE, self.lexicon.model_dump(mode="json"))

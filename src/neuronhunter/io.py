@@ -88,6 +88,14 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(fh)
 
 
+def compact_floats(df: Any, *, keep: tuple[str, ...] = ("p_value", "q_value")) -> Any:
+    """``df`` with its float64 columns stored as float32 (seven significant digits, half the bytes), except columns
+    whose names start with one of ``keep`` (p- and q-values, which can be far below float32's range). For big
+    output tables of scores (explanations, per-category responses); measurement state (``stats.pt``) stays exact."""
+    cols = [c for c in df.columns if df[c].dtype == "float64" and not str(c).startswith(keep)]
+    return df.astype({c: "float32" for c in cols}) if cols else df
+
+
 def _is_sequence(value: Any) -> bool:
     return isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) == 1
 

@@ -197,7 +197,8 @@ class ScanResult:
                     continue
                 parts.append({
                     "neuron": neurons.numpy().astype(np.int32), "rank": ranks.numpy().astype(np.int16),
-                    "activation": values[valid].double().numpy() * (1 if direction == "+" else -1),
+                    # float32 as measured (exact; half the bytes of float64 on disk)
+                    "activation": values[valid].float().numpy() * np.float32(1 if direction == "+" else -1),
                     "window": window[valid].numpy().astype(np.int64), "window_pos": pos[valid].numpy().astype(np.int32),
                     "kind": kind, "direction": direction, "band": band,
                     # band 0 holds everything below the second edge (the near-silent windows)

@@ -557,6 +557,7 @@ def render(family: str, kind: str, keys: list[int], vocab: Vocabulary, space: Fe
         raise ValueError(f"unknown family {family!r}")
     if kind == "baseline_random":
         text = "random: " + text
+        rule.pop("token_ids", None)  # a random draw is never verified; its token strings say what it was
     elif kind == "baseline_top_token":
         text = "top token only: " + text
     elif kind == "baseline_category":

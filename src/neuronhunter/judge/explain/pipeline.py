@@ -360,21 +360,14 @@ def merge_text(table: pd.DataFrame, text: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def compact_scores(table: pd.DataFrame) -> pd.DataFrame:
-    """The explanations table as stored: its score columns in float32 (seven significant digits; a default hunt's
-    ``explanations.parquet`` is ~17 MB smaller), everything else as is."""
-    floats = [c for c in table.columns if table[c].dtype == "float64"]
-    return table.astype({c: "float32" for c in floats}) if floats else table
-
-
 def write_explanations(run: Path, result: ExplainResult, neurons: pd.DataFrame) -> None:
     """Write ``explanations.parquet`` and the best-explanation columns of ``neurons.parquet`` in place."""
-    from ...io import write_table
+    from ...io import compact_floats, write_table
     from ...runfolder import updating
 
     formats = tuple(f for f in ("parquet", "csv", "json") if (run / f"neurons.{f}").exists()) or ("parquet",)
     with updating(run) as manifest:
-        write_table(compact_scores(result.explanations), run / "explanations", formats=("parquet",))
+        write_table(compact_floats(result.explanations), run / "explanations", formats=("parquet",))
         write_table(neurons_with_explanations(neurons, result.best), run / "neurons", formats=formats)
         if result.text is not None and len(result.text):
             write_table(result.text, run / "explain" / "text", formats=("parquet", "csv"))
