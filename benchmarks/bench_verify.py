@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the numbers here")
+    ap.add_argument("--rows", default=None, help="also write the sampled claims' verification rows (Parquet) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -138,6 +139,8 @@ def main() -> None:
               + " (goal: 45 min)")
         print(f"confirmed in the sample: {int(df.causally_confirmed.sum())} of {int(df.p_value.notna().sum())} "
               f"tested (q-values over the sample only)")
+        if args.rows:
+            df.to_parquet(args.rows, index=False)
         out.update(sample_claims=len(picked), sample_seconds=total, seconds_per_claim=per_claim,
                    projected_minutes=projected / 60, projected_quiet_minutes=None if quiet is None else quiet / 60,
                    stages=stages)
