@@ -199,3 +199,24 @@ def test_bad_options_are_one_line_errors(planted, tmp_path):
         DictionaryConfig(layers=[0], kind="pca")
     with pytest.raises(SiteError):
         train_dictionaries(DictionaryConfig(layers=[7], out=str(tmp_path / "x"), corpus=None), model=planted)
+
+
+def test_load_model_understands_a_feature_runs_model(planted, trained, tmp_path):
+    """Every command that loads a run's model by name (verify, serve's live view, ablate, ...) gets the feature view
+    for a feature run: ``load_model`` reads ``BASE+sae:FILE@FP`` (here with the base model saved as a local folder)."""
+    from neuronhunter.models import load_model
+
+    result, tmp, _ = trained
+    base_dir = tmp_path / "base"
+    planted.model.save_pretrained(base_dir)
+    planted.tokenizer.save_pretrained(base_dir)
+    spec = feature_spec(str(base_dir), result.dictionary, tmp / "dict")
+    view = load_model(spec)
+    assert isinstance(view, DictionaryModel) and view.name == spec and view.d_neurons == 16
+    reference = load_feature_model(spec, model=planted)
+    ids = torch.tensor([[50256, *_ids(planted, ANIMALS[:3] + COLOURS[:3])]])
+    site = Site.mlp_post(0)
+    _, got = view.run_with_cache(ids, sites=[site], stop_at_layer=1)
+    _, want = reference.run_with_cache(ids, sites=[site], stop_at_layer=1)
+    torch.testing.assert_close(got[site], want[site])
+    assert float(got[site].abs().max()) > 0  # the features do fire on these words

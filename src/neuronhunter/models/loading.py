@@ -279,10 +279,15 @@ def load_model(
 
     Args:
         name: ``smollm2-135m`` (embedded default), ``gemma3-270m`` (extra ``gemma``), ``gpt2``, ``pythia-70m``,
-            ``org/name``, a folder, or a ``.gguf``.
+            ``org/name``, a folder, a ``.gguf``, or a feature run's model ``BASE+sae:FILE@FINGERPRINT``
+            (:func:`~neuronhunter.circuits.features.load_feature_model`: the base model seen through a dictionary).
         device: ``cpu``, ``cuda``, ``cuda:1`` or ``auto``.
         dtype: ``float32`` (default; bf16 is much slower on most CPUs), ``bfloat16`` or ``float16``.
     """
+    from ..circuits.features import load_feature_model, parse_feature_spec
+
+    if parse_feature_spec(name) is not None:  # a feature run's model: the base model seen through its dictionary
+        return load_feature_model(name, device=device or "cpu", dtype=dtype or "float32")
     dev, dt = resolve_device(device), resolve_dtype(dtype)
     model, tok, info = load_hf(name)
     model.to(device=dev, dtype=dt)
