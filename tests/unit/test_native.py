@@ -184,14 +184,21 @@ def _exemplar_batches(seed: int, d: int, batches: int, n: int):
 
 
 @needs_native
-def test_native_exemplar_loops_equal_the_torch_updates():
+@pytest.mark.parametrize("k", [5, 40])  # lists full after the first batch, or still filling over several
+def test_native_exemplar_loops_equal_the_torch_updates(k):
     from neuronhunter.stats.exemplars import BandSamples, TopK
 
     d = 300
     batches = _exemplar_batches(7, d, 40, 16)
     scale = torch.rand(d, generator=torch.Generator().manual_seed(8)) * 3 + 0.01
     scale[:3] = torch.tensor([0.0, 1e-40, 3.0])  # a zero scale is clamped alike in both
-    lists = {flag: (TopK(d, 5), BandSamples(d, scale, (0.0, 0.1, 0.3, 0.5, 0.7), 3, seed=4)) for flag in (False, True)}
+    lists = {flag: (TopK(d, k), BandSamples(d, scale, (0.0, 0.1, 0.3, 0.5, 0.7), 3, seed=4)) for flag in (False, True)}
+    half = {flag: TopK(d, k) for flag in (False, True)}  # after two batches: the partly filled lists agree too
+    for peak, pos, ids in batches[:2]:
+        for native, top in half.items():
+            top.update(peak, pos, ids, native=native)
+    assert torch.equal(half[False].window, half[True].window) and torch.equal(half[False].values, half[True].values)
+    assert bool((half[True].window < 0).any()) == (k > 32)
     for peak, pos, ids in batches:
         for native, (top, bands) in lists.items():
             top.update(peak, pos, ids, native=native)
@@ -208,9 +215,9 @@ def test_native_exemplar_loops_equal_the_torch_updates():
     assert bool(tied.any()) and bool((t1.window[1:][tied] > t1.window[:-1][tied]).all())
     assert bool((b1.window[:, 0] >= 0).any(1).all())
     # and equal to one merge of everything, the order-free definition
-    top = TopK(d, 5)
+    top = TopK(d, k)
     for peak, pos, ids in batches:
-        other = TopK(d, 5)
+        other = TopK(d, k)
         other.update(peak, pos, ids)
         top.merge(other)
     assert torch.equal(top.window, t1.window) and torch.equal(top.values, t1.values)

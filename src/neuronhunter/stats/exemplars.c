@@ -17,32 +17,59 @@
  * cand ``[n, d]`` window peaks (row-major, float32); cpos ``[n, d]`` int64 positions of the peaks; cwin ``[n]``
  * window ids. A peak that is -inf or NaN (no counted token) is no candidate.
  * values ``[k, d]`` float32, window ``[k, d]`` int64, pos ``[k, d]`` int32: the lists, updated in place. */
+/* a before b in a top-k list: higher value, or equal value and smaller window id; empty slots (window < 0) last */
+static inline int topk_before(float va, int64_t wa, float vb, int64_t wb)
+{
+    return va > vb || (va == vb && (wb < 0 || (wa >= 0 && wa < wb)));
+}
+
 void nh_topk_update(const float *cand, const int64_t *cpos, const int64_t *cwin, int64_t n, int64_t d, int64_t k,
                     float *values, int64_t *window, int32_t *pos)
 {
-    for (int64_t i = 0; i < n; i++) {
-        const float *row = cand + i * d;
-        const int64_t w = cwin[i];
-        for (int64_t j = 0; j < d; j++) {
-            const float v = row[j];
-            if (isnan(v) || v == -INFINITY)
+    /* neuron by neuron: the windows that beat the list's last entry are sorted among themselves (few: n is one
+     * batch), then merged with the list in one pass, instead of being inserted one by one (k moves each) */
+    float cv[n > 0 ? n : 1], lv[k];
+    int64_t cw[n > 0 ? n : 1], lw[k];
+    int32_t cp[n > 0 ? n : 1], lp[k];
+    for (int64_t j = 0; j < d; j++) {
+        int64_t m = 0;
+        const float last_v = values[(k - 1) * d + j];
+        const int64_t last_w = window[(k - 1) * d + j];
+        for (int64_t i = 0; i < n; i++) {
+            const float v = cand[i * d + j];
+            if (isnan(v) || v == -INFINITY || !topk_before(v, cwin[i], last_v, last_w))
                 continue;
-            /* does it beat entry p? (higher value, or equal value and smaller window id; empty slots last) */
-#define BEATS(p) (v > values[(p) * d + j] || (v == values[(p) * d + j] && \
-                  (window[(p) * d + j] < 0 || w < window[(p) * d + j])))
-            if (!BEATS(k - 1))
-                continue;
-            int64_t p = k - 1;
-            while (p > 0 && BEATS(p - 1)) {
-                values[p * d + j] = values[(p - 1) * d + j];
-                window[p * d + j] = window[(p - 1) * d + j];
-                pos[p * d + j] = pos[(p - 1) * d + j];
-                p--;
+            int64_t q = m++; /* insertion sort of the winners */
+            while (q > 0 && topk_before(v, cwin[i], cv[q - 1], cw[q - 1])) {
+                cv[q] = cv[q - 1];
+                cw[q] = cw[q - 1];
+                cp[q] = cp[q - 1];
+                q--;
             }
-#undef BEATS
-            values[p * d + j] = v;
-            window[p * d + j] = w;
-            pos[p * d + j] = (int32_t)cpos[i * d + j];
+            cv[q] = v;
+            cw[q] = cwin[i];
+            cp[q] = (int32_t)cpos[i * d + j];
+        }
+        if (m == 0)
+            continue;
+        for (int64_t p = 0; p < k; p++) {
+            lv[p] = values[p * d + j];
+            lw[p] = window[p * d + j];
+            lp[p] = pos[p * d + j];
+        }
+        int64_t a = 0, c = 0;
+        for (int64_t p = 0; p < k; p++) { /* merge the two sorted lists, keeping the first k */
+            if (c < m && (a >= k || topk_before(cv[c], cw[c], lv[a], lw[a]))) {
+                values[p * d + j] = cv[c];
+                window[p * d + j] = cw[c];
+                pos[p * d + j] = cp[c];
+                c++;
+            } else {
+                values[p * d + j] = lv[a];
+                window[p * d + j] = lw[a];
+                pos[p * d + j] = lp[a];
+                a++;
+            }
         }
     }
 }
@@ -56,11 +83,10 @@ void nh_bands_update(const float *peak, const int64_t *cpos, const int64_t *cwin
                      int64_t d, const float *scale, const float *inner, int64_t n_bands, int64_t r,
                      int64_t *hash, int64_t *window, int32_t *pos, float *value)
 {
-    for (int64_t i = 0; i < n; i++) {
-        const float *row = peak + i * d;
-        const int64_t w = cwin[i], h = chash[i];
-        for (int64_t j = 0; j < d; j++) {
-            const float v = row[j];
+    for (int64_t j = 0; j < d; j++) { /* neuron by neuron, as above */
+        for (int64_t i = 0; i < n; i++) {
+            const float v = peak[i * d + j];
+            const int64_t w = cwin[i], h = chash[i];
             if (!isfinite(v))
                 continue;
             const float rel = v / scale[j];
