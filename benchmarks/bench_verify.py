@@ -10,15 +10,20 @@ the held-out side of the bundled master text):
    naive way to get the same numbers runs one full forward pass of the window up to the token per intervention;
    its cost is ``(mean prefix length) / (bare tokens/s)`` per intervention (and a few are timed directly as a
    check). ``speed-up`` = naive time / engine time per intervention.
-3. **Time per claim**: ``verify_claims`` with the default settings on a seeded sample of the run's claims
-   (``--claims``), split into stages; projected to every monosemantic/polysemantic claim of the run and compared
-   with the goal (45 minutes on 2 CPU cores).
+3. **Time per claim**: ``verify_claims`` with the default settings on every claim of a few layers spread over depth
+   (``--layers``; default three, at 1/6, 1/2 and 5/6 of the depth), split into stages; projected to every
+   monosemantic/polysemantic claim of the run and compared with the goal (45 minutes on 2 CPU cores). Whole layers,
+   because verification shares work between the claims of a layer (clean passes, the attribution backward passes,
+   the steering passes, and engine passes holding many claims' probes): a sample of single claims from many layers
+   pays each layer's shared cost for one claim and overstates the cost of a full run several times. The
+   projection scales the per-claim stage (``probes``) by the number of claims, the per-layer stages
+   (``gradients``, ``steering``) by the number of layers with claims, and the clean passes by depth.
 
 Timings depend on the machine and on what else runs on it: the output also prints the bare-forward rate, so a
 reader can scale the projection to a quiet machine (the embedded model runs at ~440 tokens/s on 2 idle cores).
 
-    python benchmarks/bench_verify.py                         # runs/hunt, 30 sampled claims
-    python benchmarks/bench_verify.py --run runs/hunt --claims 60 --rounds 3
+    python benchmarks/bench_verify.py                         # runs/hunt, every claim of layers 5, 15, 25
+    python benchmarks/bench_verify.py --run runs/hunt --layers 4,14,24 --rounds 3
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default="runs/hunt", help="a hunt run folder (its claims and held-out documents)")
-    ap.add_argument("--claims", type=int, default=30, help="claims sampled for the time per claim (0: skip)")
+    ap.add_argument("--layers", default="auto", help="layers whose claims are all verified for the time per claim "
+                    "(comma-separated; auto: three at 1/6, 1/2, 5/6 of the depth; none: skip)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--probes", type=int, default=1200, help="interventions per engine round")
     ap.add_argument("--threads", type=int, default=2)
@@ -120,20 +126,31 @@ def main() -> None:
     print(f"check at layer {L}: 4 interventions by plain full passes {1000 * direct:.0f} ms each; "
           f"max |loss difference| to the engine {np.abs(ref - got).max():.2e}")
 
-    if args.claims and claims:
-        picked = [claims[i] for i in sorted(rng.choice(len(claims), size=min(args.claims, len(claims)),
-                                                       replace=False))]
+    if args.layers == "auto":
+        sample_layers = sorted({int(model.n_layers * f) for f in (1 / 6, 1 / 2, 5 / 6)})
+    else:
+        sample_layers = [] if args.layers == "none" else [int(x) for x in args.layers.split(",")]
+    picked = [c for c in claims if c.layer in sample_layers]
+    if picked:
         words = {name: list(spec.words) for name, spec in labeller.lexicon.categories.items()}
         t0 = time.perf_counter()
         df, summary = verify_claims(model, batches, picked, labeller.categories, cfg, lexicon_words=words)
         total = time.perf_counter() - t0
         stages = summary["seconds_by_stage"]
-        fixed = stages.get("clean", 0.0) + stages.get("layers", 0.0)
-        per_claim = (total - fixed) / len(picked)
-        projected = fixed * (model.n_layers / max(1, len({c.layer for c in picked}))) + per_claim * len(claims)
+        claim_layers = len({c.layer for c in claims})
+        per_layer = stages.get("gradients", 0.0) + stages.get("steering", 0.0)
+        projected = (stages.get("clean", 0.0)
+                     + stages.get("layers", 0.0) * (model.n_layers - 1) / max(1, max(sample_layers))
+                     + per_layer * claim_layers / len(sample_layers)
+                     + stages.get("probes", 0.0) * len(claims) / len(picked))
         quiet = projected * fwd / 440.0 if model.name == "smollm2-135m" else None
-        print(f"\n{len(picked)} sampled claims of {len(claims)}: {total:.0f} s ({per_claim:.1f} s per claim after "
-              f"{fixed:.0f} s of clean passes); stages {json.dumps(stages)}")
+        nulls = df.n_nulls[df.p_value.notna()]
+        print(f"\nall {len(picked)} claims of layers {', '.join(map(str, sample_layers))} ({len(claims)} claims "
+              f"in {claim_layers} layers): {total:.0f} s, {total / len(picked):.2f} s per claim; stages "
+              f"{json.dumps(stages)}")
+        print(f"null neurons per tested claim: median {nulls.median():.0f}, {int((nulls < cfg.n_nulls).sum())} of "
+              f"{len(nulls)} stopped early (at {', '.join(map(str, cfg.null_looks))} nulls), "
+              f"{int((nulls > cfg.n_nulls).sum())} extended past {cfg.n_nulls}")
         print(f"projected for all {len(claims)} claims: {projected / 60:.0f} min on this machine now"
               + (f", ~{quiet / 60:.0f} min at the quiet-machine rate of 440 tokens/s" if quiet else "")
               + " (goal: 45 min)")
@@ -141,9 +158,9 @@ def main() -> None:
               f"tested (q-values over the sample only)")
         if args.rows:
             df.to_parquet(args.rows, index=False)
-        out.update(sample_claims=len(picked), sample_seconds=total, seconds_per_claim=per_claim,
-                   projected_minutes=projected / 60, projected_quiet_minutes=None if quiet is None else quiet / 60,
-                   stages=stages)
+        out.update(sample_layers=sample_layers, sample_claims=len(picked), sample_seconds=total,
+                   seconds_per_claim=total / len(picked), projected_minutes=projected / 60,
+                   projected_quiet_minutes=None if quiet is None else quiet / 60, stages=stages)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

@@ -97,7 +97,7 @@ def test_colour_neuron_on_heldout_text(embedded, heldout_batches):
     from neuronhunter.causal.verification import VerifyConfig, verify_claims
 
     batches, labeller = heldout_batches
-    cfg = VerifyConfig(max_claim_tokens=8, max_nulls=50, steer=False, attribution=False)
+    cfg = VerifyConfig(max_claim_tokens=8, max_nulls=50, steer=False, attribution=False, early_stop=0)
     df, summary = verify_claims(embedded, batches, [parse_claim("20:882=color")], labeller.categories, cfg)
     r = df.iloc[0]
     assert r.n_tokens == 8 and r.n_nulls == 50 and summary["n_documents"] > 1 and r.verdict != "dead"

@@ -13,6 +13,7 @@ from neuronhunter.analysis.interpret import (
     hypergeom_sf,
     interpret_run,
     query,
+    replication,
     require_hunt,
 )
 from neuronhunter.errors import ConfigError, RunDirError
@@ -132,6 +133,36 @@ def test_compare_by_relative_depth(run, tmp_path):
     assert depth.loc[("color", "0-50%"), "selective_b"] == 1
     verdicts = res["verdicts"].set_index("verdict")
     assert verdicts.loc["monosemantic"].tolist() == [6, 2]
+
+
+def test_replication_neuron_by_neuron(tmp_path):
+    """Two hunts of one model: which verdicts (and which claims) come back on other text."""
+
+    def hunt(name, verdicts, directions, cats, model="m"):
+        folder = make_run(tmp_path / name, 2, 4, {}, dict(enumerate(verdicts)))
+        neurons = pd.read_parquet(folder / "neurons.parquet")
+        neurons["direction"] = directions
+        neurons["claim_category"] = cats
+        write_table(neurons, folder / "neurons", formats=("parquet",))
+        write_json(folder / "config.json", {"model": model})
+        return folder
+
+    a = hunt("a", ["monosemantic"] * 4 + ["token", "token", "unexplained", "unexplained"],
+             ["+", "-", "+", "+", "+", "-", "+", "+"], ["color", "color", "food", "date", None, None, None, None])
+    # B: neuron 0 same claim; 1 same verdict, other direction; 2 same verdict, other category; 3 unexplained;
+    # 4 token again; 5 unexplained; 6 unexplained again; 7 monosemantic
+    b = hunt("b", ["monosemantic"] * 3 + ["unexplained", "token", "unexplained", "unexplained", "monosemantic"],
+             ["+", "+", "+", "+", "+", "-", "+", "-"], ["color", "color", "animal", None, None, None, None, "food"])
+    r = replication(a, b).set_index("verdict")
+    assert r.loc["monosemantic", ["n_a", "n_b", "same_verdict", "same_claim"]].tolist() == [4, 4, 3, 1]
+    assert r.loc["token", ["n_a", "same_verdict", "same_claim"]].tolist() == [2, 1, 1]
+    assert r.loc["unexplained", ["same_verdict", "same_claim"]].tolist() == [1, 1]
+    assert r.loc["all", ["n_a", "same_verdict", "same_claim"]].tolist() == [8, 5, 3]
+    assert r.loc["monosemantic", "pct_chance"] == pytest.approx(50.0)  # B calls 4 of 8 neurons monosemantic
+    # chance agreement over all neurons: sum of A's share x B's share per verdict
+    assert r.loc["all", "pct_chance"] == pytest.approx(100 * (0.5 * 0.5 + 0.25 * 0.125 + 0.25 * 0.375))
+    with pytest.raises(ConfigError, match="one model"):
+        replication(a, hunt("c", ["unexplained"] * 8, ["+"] * 8, [None] * 8, model="other"))
 
 
 def test_requires_a_hunt_run(tmp_path):

@@ -193,7 +193,7 @@ def test_irrelevant_claims_have_uniform_p_values():
         claims += [category_claim(int(rng.integers(0, 2)), int(n), "-", [f"c{k}"])
                    for k, n in zip(range(10), rng.choice(m.d_mlp, size=10, replace=False), strict=True)]
         cfg = VerifyConfig(n_nulls=19, max_nulls=19, max_claim_tokens=8, token_matches=3, n_draws=400,
-                           steer=False, attribution=False, seed=seed)
+                           steer=False, attribution=False, seed=seed, early_stop=0)  # the fixed-size test
         df, _ = verify_claims(m, b, claims, labeller.categories, cfg)
         df = df[df.p_value.notna()]
         p_neuron += list(df.p_neuron)
@@ -210,6 +210,33 @@ def test_irrelevant_claims_have_uniform_p_values():
     assert ks < 1.63 / np.sqrt(n), ks
     for alpha in (0.1, 0.2, 0.5):
         assert np.mean(np.asarray(p_all) <= alpha) <= alpha + 0.08
+
+
+def test_early_stopping_changes_no_confirmation(planted):
+    """Besag-Clifford early stopping of the null sequence: a claim leaves at an interim look only once ``early_stop``
+    nulls match it, so its p-value (and the p-value it would have had after all n_nulls) is far above any BH
+    threshold; every other claim gets exactly the p-value of the full sequence, and the confirmations are the same."""
+    m, _, batches = planted
+    rng = np.random.default_rng(4)
+    claims = [category_claim(1, 7, "+", ["animal"]), category_claim(1, 3, "+", ["color"])]
+    claims += [category_claim(int(L), int(n), "+-"[k % 2], [("animal", "color")[k % 2]])
+               for k, (L, n) in enumerate(zip(rng.integers(0, 2, 10), rng.choice(m.d_mlp, 10, replace=False),
+                                              strict=True))]
+    # alpha below 6/51: a claim stopped after 5 of its first 10 or 20 nulls could not reach it with 50
+    base = dict(**FAST, n_nulls=50, max_nulls=400, steer=False, attribution=False, alpha=0.11)
+    full, _ = verify_claims(m, batches, claims, LABELLER.categories, VerifyConfig(**base, early_stop=0))
+    early, _ = verify_claims(m, batches, claims, LABELLER.categories, VerifyConfig(**base, early_stop=5))
+    tested = full.p_value.notna()
+    assert (early.p_value.notna() == tested).all() and tested.sum() >= 9
+    stopped = tested & (early.n_nulls < 50)
+    assert stopped.sum() >= 3, early.n_nulls.tolist()  # most irrelevant claims leave at the first look
+    assert set(early.n_nulls[stopped]) <= {10, 20}
+    assert (full.n_nulls[tested & ~stopped] == early.n_nulls[tested & ~stopped]).all()
+    np.testing.assert_array_equal(early.p_neuron[~stopped], full.p_neuron[~stopped])
+    s = early[stopped]
+    assert (s.p_neuron >= 6 / (s.n_nulls + 1) - 1e-12).all() and (full.p_neuron[stopped] >= 6 / 51 - 1e-12).all()
+    assert (early.causally_confirmed == full.causally_confirmed).all() and early.causally_confirmed.iloc[0]
+    assert full.n_nulls[tested].min() >= 50
 
 
 def test_null_helpers():

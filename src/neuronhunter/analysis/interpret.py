@@ -277,3 +277,61 @@ def compare_runs(run_a: str | Path, run_b: str | Path, *, bins: int = 5) -> dict
     return {"depth": grid[["category", "depth", "selective_a", "selective_b", "per_1k_a", "per_1k_b"]],
             "verdicts": verdicts, "categories": common,
             "only_a": [c for c in cats_a if c not in common], "only_b": [c for c in cats_b if c not in common]}
+
+
+def _claim_key(df: Any) -> Any:
+    """A neuron's claim as one string: verdict, direction and what it is about (category set or token)."""
+    cols = [c for c in ("claim_category", "claim_categories", "claim_token") if c in df.columns]
+    what = df[cols].astype("string").fillna("").agg("|".join, axis=1) if cols else ""
+    direction = df["direction"].astype("string").fillna("") if "direction" in df.columns else ""
+    return df["verdict"].astype(str) + "/" + direction + "/" + what
+
+
+def replication(run_a: str | Path, run_b: str | Path) -> Any:
+    """Do a run's verdicts survive a change of text? Two hunts of the **same model** (e.g. ``--split train`` and
+    ``--split heldout``, or two corpora), compared neuron by neuron.
+
+    Returns a DataFrame, one row per verdict of A (and ``all``): ``n_a`` neurons with it in A, ``n_b`` in B;
+    ``same_verdict`` / ``pct_same_verdict`` of A's neurons with the same verdict in B; ``same_claim`` /
+    ``pct_same_claim`` with the same verdict, direction and claimed category set or token; ``pct_chance`` the
+    same-verdict share expected if B's verdicts were assigned at random with B's shares (``n_b / N``).
+    Raises a ConfigError when the runs are not of the same model and neurons.
+    """
+    import numpy as np
+    import pandas as pd
+
+    run_a, run_b = require_hunt(run_a), require_hunt(run_b)
+    model_a = (read_json(run_a / "config.json") if (run_a / "config.json").exists() else {}).get("model")
+    model_b = (read_json(run_b / "config.json") if (run_b / "config.json").exists() else {}).get("model")
+    if model_a != model_b:
+        raise ConfigError(f"replication compares two runs of one model: {run_a} is {model_a}, {run_b} is {model_b}")
+    cols = ["layer", "neuron", "verdict", "direction", "claim_category", "claim_categories", "claim_token"]
+    import pyarrow.parquet as pq
+
+    a, b = (pd.read_parquet(r / "neurons.parquet", columns=[c for c in cols if c in
+                                                               pq.read_schema(r / "neurons.parquet").names])
+            for r in (run_a, run_b))
+    a, b = (d.assign(key=_claim_key(d))[["layer", "neuron", "verdict", "key"]] for d in (a, b))
+    both = a.merge(b, on=["layer", "neuron"], suffixes=("_a", "_b"))
+    if len(both) != len(a) or len(both) != len(b):
+        raise ConfigError(f"{run_a} and {run_b} did not judge the same neurons ({len(a)} and {len(b)} neurons, "
+                          f"{len(both)} in common)")
+    same_verdict = (both.verdict_a == both.verdict_b).to_numpy()
+    same_claim = (both.key_a == both.key_b).to_numpy()
+    share_a = both.verdict_a.value_counts(normalize=True)
+    share_b = both.verdict_b.value_counts(normalize=True)
+    from ..judge.thresholds import VERDICTS
+
+    rows = []
+    for verdict in [*[v for v in VERDICTS if v in share_a.index], "all"]:
+        sel = (both.verdict_a == verdict).to_numpy() if verdict != "all" else np.ones(len(both), dtype=bool)
+        n = int(sel.sum())
+        chance = float(share_b.get(verdict, 0.0)) if verdict != "all" else \
+            float(sum(share_a[v] * share_b.get(v, 0.0) for v in share_a.index))
+        rows.append({"verdict": verdict, "n_a": n,
+                     "n_b": int((both.verdict_b == verdict).sum()) if verdict != "all" else len(both),
+                     "same_verdict": int(same_verdict[sel].sum()), "same_claim": int(same_claim[sel].sum()),
+                     "pct_same_verdict": 100.0 * same_verdict[sel].mean() if n else math.nan,
+                     "pct_same_claim": 100.0 * same_claim[sel].mean() if n else math.nan,
+                     "pct_chance": 100.0 * chance})
+    return pd.DataFrame(rows)

@@ -66,6 +66,10 @@ class VerifyConfig(StrictModel):
     n_nulls: int = Field(50, ge=1, description="matched null neurons per claim")
     max_nulls: int = Field(200, ge=1, description="null neurons for claims that beat all first n_nulls "
                            "(sequential Monte Carlo: the smallest p-value becomes 1/(max_nulls+1))")
+    early_stop: int = Field(5, ge=0, description="stop a claim's null sequence at an interim look once this many "
+                            "nulls match or beat it (Besag-Clifford; such a claim's p-value is at least "
+                            "(early_stop+1)/(look+1), far above any BH threshold); 0: every claim gets n_nulls")
+    null_looks: list[int] = Field([10, 20], description="interim looks (nulls run so far) before n_nulls")
     token_matches: int = Field(4, ge=1, description="matched non-claim tokens per claim token (token null)")
     n_draws: int = Field(2000, ge=50, description="Monte-Carlo draws of the stratified token permutation test")
     max_claim_tokens: int = Field(16, ge=1, description="held-out tokens tested per claim (a seeded sample)")
@@ -190,40 +194,51 @@ def _layer(engine: AblationEngine, matcher: TokenMatcher, layer: int, claims: li
         overlap = set(c.categories or c.tokens)
         exclude = [j for j, what in claimed_here.items() if j != n and what & overlap]
         ranked = N.match_neurons(sizes, n, max(cfg.n_nulls, cfg.max_nulls), exclude)
-        nulls = ranked[: cfg.n_nulls]
-        null_vals = N.null_values(acts[tok], mu, wn, delta, nulls)  # [c, J]
         candidates = np.flatnonzero(~mask)
         strata = N.match_tokens(acts[:, n] - mu[n], tok, candidates, cfg.token_matches)  # [c, k]
         filled = strata >= 0
         change = np.repeat((mu[n] - acts[tok, n])[:, None], strata.shape[1], 1)  # the claim token's change
-        w = {"tok": tok, "delta": delta, "nulls": nulls, "strata": strata, "info": info,
+        w = {"tok": tok, "delta": delta, "ranked": ranked, "strata": strata, "info": info,
              "own": probes.add(tok, np.full(len(tok), n), np.full(len(tok), mu[n])),
-             "null": probes.add(np.repeat(tok, len(nulls)), np.tile(nulls, len(tok)), null_vals),
              # the same change of the neuron as at the matched claim token: the same vector added to the residual
              "tokennull": probes.add(strata[filled], np.full(int(filled.sum()), n),
                                      acts[strata[filled], n] + change[filled]),
-             "null_vals": null_vals, "more": ranked[cfg.n_nulls :]}
+             "nulls": ranked[:0], "null_vals": np.zeros((len(tok), 0)), "null_eff": np.zeros((len(tok), 0))}
         work[i] = w
-    eff = _run(engine, layer, probes, clean)
-    # sequential nulls: a claim that beats every first-stage null gets the next ones, so that p can go below
-    # 1/(n_nulls + 1); p = (1 + #nulls >= claim) / (n + 1) over all nulls run (Besag & Clifford style)
-    more = _Probes()
+    # the null sequence, run in stages over all claims of the layer (one engine call per stage): up to each interim
+    # look, then n_nulls, then max_nulls. A claim leaves it at a look once early_stop nulls match or beat it
+    # (Besag & Clifford 1991: its p-value is then at least (early_stop + 1) / (look + 1), so it could not be
+    # confirmed whatever the rest of the nulls did), and goes past n_nulls only while no null matches it (so that p
+    # can go below 1/(n_nulls + 1)). p = (1 + #nulls >= claim) / (n + 1) over the nulls run.
+    looks = sorted({k for k in cfg.null_looks if 0 < k < cfg.n_nulls} | {cfg.n_nulls})
+    stages = [*looks, cfg.max_nulls] if cfg.max_nulls > cfg.n_nulls else looks
+    eff = _run(engine, layer, probes, clean)  # the claims themselves and their token nulls
     for w in work.values():
-        own = eff[w["own"]].mean()
-        first = eff[w["null"]].reshape(len(w["tok"]), len(w["nulls"])).mean(0)
-        if len(w["more"]) and not np.any(first >= own):
-            vals = N.null_values(acts[w["tok"]], mu, wn, w["delta"], w["more"])
-            w["more_slice"] = more.add(np.repeat(w["tok"], len(w["more"])), np.tile(w["more"], len(w["tok"])), vals)
-            w["more_vals"] = vals
-    eff_more = _run(engine, layer, more, clean)
-    for w in work.values():
-        null_eff = eff[w["null"]].reshape(len(w["tok"]), len(w["nulls"]))
-        if "more_slice" in w:
-            extra = eff_more[w["more_slice"]].reshape(len(w["tok"]), len(w["more"]))
-            null_eff = np.concatenate([null_eff, extra], 1)
-            w["nulls"] = np.concatenate([w["nulls"], w["more"]])
-            w["null_vals"] = np.concatenate([w["null_vals"], w["more_vals"]], 1)
-        w["null_eff"] = null_eff
+        w["own_eff"] = eff[w["own"]]
+        w["tokennull_eff"] = eff[w["tokennull"]]
+    for stage in stages:
+        more = _Probes()
+        for w in work.values():
+            done = len(w["nulls"])
+            beaten = int(np.sum(w["null_eff"].mean(0) >= w["own_eff"].mean())) if done else 0
+            if done >= len(w["ranked"]) or done >= stage:
+                continue
+            if done >= cfg.n_nulls and beaten > 0:  # past n_nulls only while no null matches the claim
+                continue
+            if cfg.early_stop and done and beaten >= cfg.early_stop:
+                continue
+            add = w["ranked"][done:stage]
+            vals = N.null_values(acts[w["tok"]], mu, wn, w["delta"], add)
+            w["stage"] = (more.add(np.repeat(w["tok"], len(add)), np.tile(add, len(w["tok"])), vals), add, vals)
+        if not more.n:
+            break
+        stage_eff = _run(engine, layer, more, clean)
+        for w in work.values():
+            if "stage" in w:
+                sl, add, vals = w.pop("stage")
+                w["null_eff"] = np.concatenate([w["null_eff"], stage_eff[sl].reshape(len(w["tok"]), len(add))], 1)
+                w["nulls"] = np.concatenate([w["nulls"], add])
+                w["null_vals"] = np.concatenate([w["null_vals"], vals], 1)
     grads = None
     if cfg.attribution and work:
         union = np.unique(np.concatenate([w["tok"] for w in work.values()]))
@@ -234,11 +249,11 @@ def _layer(engine: AblationEngine, matcher: TokenMatcher, layer: int, claims: li
             continue
         w = work[i]
         n, tok, delta = c.neuron, w["tok"], w["delta"]
-        own = eff[w["own"]]
+        own = w["own_eff"]
         null_eff = w["null_eff"]  # [c, J]
         strata = w["strata"]
         tn, tn_size = np.full(strata.shape, np.nan), np.full(strata.shape, np.nan)
-        tn[strata >= 0] = eff[w["tokennull"]]
+        tn[strata >= 0] = w["tokennull_eff"]
         tn_size[strata >= 0] = np.repeat(delta[:, None], strata.shape[1], 1)[strata >= 0]
         effect = float(own.mean())
         null_means = null_eff.mean(0)

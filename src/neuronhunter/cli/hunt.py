@@ -261,17 +261,24 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
         bins: int = typer.Option(5, help="Relative-depth bins"),
         out: str = typer.Option(None, "--out", "-o", help="Also write the comparison to this CSV file"),
     ) -> None:
-        """Selective neurons per category and relative depth, two runs side by side."""
-        from ..analysis.interpret import compare_runs
-        from ..io import write_table
+        """Selective neurons per category and relative depth, two runs side by side; for two runs of one model
+        (e.g. --split train and --split heldout), also how many verdicts replicate neuron by neuron."""
+        from ..analysis.interpret import compare_runs, replication
+        from ..io import read_json, write_table
 
         res = compare_runs(run_a, run_b, bins=bins)
+        models = [read_json(Path(r) / "config.json").get("model") if (Path(r) / "config.json").exists() else None
+                  for r in (run_a, run_b)]
         console.print(f"A = {run_a}\nB = {run_b}")
         if res["only_a"] or res["only_b"]:
             console.print(f"Categories only in A: {res['only_a'] or '-'}; only in B: {res['only_b'] or '-'}")
         print_frame(res["verdicts"], "Verdicts")
         print_frame(res["depth"], "Selective neurons per category and relative depth (per_1k = per 1000 scanned)",
                     max_rows=500, floats="{:.1f}")
+        if models[0] is not None and models[0] == models[1]:
+            print_frame(replication(run_a, run_b), "Replication, neuron by neuron: A's verdicts found again in B "
+                        "(same claim = same verdict, direction and category set or token; chance = B's share)",
+                        floats="{:.1f}")
         if out:
             write_table(res["depth"], Path(out).with_suffix(""), formats=("csv",))
             console.print(f"Wrote [bold]{Path(out).with_suffix('.csv')}[/]")

@@ -188,6 +188,8 @@ def register(app: typer.Typer) -> None:
         n_nulls: int = typer.Option(None, help="Matched null neurons per claim [default: 50]"),
         max_nulls: int = typer.Option(None, help="Null neurons for claims that beat the first --n-nulls "
                                       "[default: 200]"),
+        early_stop: int = typer.Option(None, help="Stop a claim's nulls at 10 or 20 once this many match it "
+                                       "(Besag-Clifford; it could not be confirmed); 0: all --n-nulls [default: 5]"),
         max_claim_tokens: int = typer.Option(None, help="Held-out tokens tested per claim, a seeded sample "
                                              "[default: 16]"),
         min_tokens: int = typer.Option(None, help="Claims with fewer held-out tokens are not tested [default: 3]"),
@@ -223,7 +225,7 @@ def register(app: typer.Typer) -> None:
             given += read_claims_file(claims_file, explanations=explanations)
         cfg = load_config(VerifyConfig, config,
                           verdicts=[v.strip() for v in verdicts.split(",") if v.strip()] if verdicts else None,
-                          hunt=hunt and run is not None, n_nulls=n_nulls, max_nulls=max_nulls,
+                          hunt=hunt and run is not None, n_nulls=n_nulls, max_nulls=max_nulls, early_stop=early_stop,
                           max_claim_tokens=max_claim_tokens, min_tokens=min_tokens, alpha=alpha, steer=steer,
                           attribution=attribution, max_tokens=max_tokens, seed=seed)
         if run is None and not (given and corpus and out):
