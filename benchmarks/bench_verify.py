@@ -19,8 +19,8 @@ the held-out side of the bundled master text):
    projection scales the per-claim stage (``probes``) by the number of claims, the per-layer stages
    (``gradients``, ``steering``) by the number of layers with claims, and the clean passes by depth.
 
-Timings depend on the machine and on what else runs on it: the output also prints the bare-forward rate, so a
-reader can scale the projection to a quiet machine (the embedded model runs at ~440 tokens/s on 2 idle cores).
+Timings depend on the machine and on what else runs on it: the output also prints the bare-forward rate (a full
+pass with the unembedding at every position), so a reader can compare machines.
 
     python benchmarks/bench_verify.py                         # runs/hunt, every claim of layers 5, 15, 25
     python benchmarks/bench_verify.py --run runs/hunt --layers 4,14,24 --rounds 3
@@ -143,7 +143,6 @@ def main() -> None:
                      + stages.get("layers", 0.0) * (model.n_layers - 1) / max(1, max(sample_layers))
                      + per_layer * claim_layers / len(sample_layers)
                      + stages.get("probes", 0.0) * len(claims) / len(picked))
-        quiet = projected * fwd / 440.0 if model.name == "smollm2-135m" else None
         nulls = df.n_nulls[df.p_value.notna()]
         print(f"\nall {len(picked)} claims of layers {', '.join(map(str, sample_layers))} ({len(claims)} claims "
               f"in {claim_layers} layers): {total:.0f} s, {total / len(picked):.2f} s per claim; stages "
@@ -151,16 +150,15 @@ def main() -> None:
         print(f"null neurons per tested claim: median {nulls.median():.0f}, {int((nulls < cfg.n_nulls).sum())} of "
               f"{len(nulls)} stopped early (at {', '.join(map(str, cfg.null_looks))} nulls), "
               f"{int((nulls > cfg.n_nulls).sum())} extended past {cfg.n_nulls}")
-        print(f"projected for all {len(claims)} claims: {projected / 60:.0f} min on this machine now"
-              + (f", ~{quiet / 60:.0f} min at the quiet-machine rate of 440 tokens/s" if quiet else "")
-              + " (goal: 45 min)")
+        print(f"projected for all {len(claims)} claims: {projected / 60:.0f} min on this machine now (goal: 45 min; "
+              "the projection assumes the sampled layers' cost per claim is typical)")
         print(f"confirmed in the sample: {int(df.causally_confirmed.sum())} of {int(df.p_value.notna().sum())} "
               f"tested (q-values over the sample only)")
         if args.rows:
             df.to_parquet(args.rows, index=False)
         out.update(sample_layers=sample_layers, sample_claims=len(picked), sample_seconds=total,
                    seconds_per_claim=total / len(picked), projected_minutes=projected / 60,
-                   projected_quiet_minutes=None if quiet is None else quiet / 60, stages=stages)
+                   stages=stages)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

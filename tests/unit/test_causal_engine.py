@@ -68,6 +68,36 @@ def test_probes_equal_single_interventions_in_full_passes(family_model):
     assert np.abs(got[~clean] - eng.clean_nll()[tok[~clean]]).max() > 1e-3  # the interventions did something
 
 
+def test_unembedding_in_slices(tiny_llama, monkeypatch):
+    """The probes' log-probabilities are computed a slice of rows at a time (a large vocabulary would need
+    gigabytes at once): the losses, the clean losses and what a readout sees do not depend on the slice size."""
+    import neuronhunter.causal.engine as E
+
+    m = tiny_llama
+    rng = np.random.default_rng(3)
+
+    def run(rows):
+        monkeypatch.setattr(E, "UNEMBED_ROWS", rows)
+        eng = AblationEngine(m, _batches(m), batch_tokens=400, probes_per_row=40)
+        tok = rng.integers(0, len(eng.tokens), 60)
+        unit = np.random.default_rng(4).integers(-1, m.d_mlp, 60)
+        seen = []
+        got = eng.run(1, tok, unit, np.zeros(60),
+                      readout=lambda idx, logp: seen.append((idx, logp.exp().sum(1))))
+        return tok, got, eng.clean_nll(), seen
+
+    rng = np.random.default_rng(3)
+    tok, whole, clean_whole, seen_whole = run(4096)
+    rng = np.random.default_rng(3)
+    tok2, sliced, clean_sliced, seen = run(3)
+    assert np.array_equal(tok, tok2)
+    np.testing.assert_allclose(sliced, whole, atol=1e-6)
+    np.testing.assert_allclose(clean_sliced, clean_whole, atol=1e-6)
+    assert len(seen) > len(seen_whole) and max(len(i) for i, _ in seen) <= 3
+    assert sorted(np.concatenate([i for i, _ in seen]).tolist()) == list(range(60))  # every probe read once
+    np.testing.assert_allclose(torch.cat([p for _, p in seen]).numpy(), 1.0, atol=1e-5)  # log-probabilities
+
+
 def test_layer_states_and_means(tiny_llama):
     m = tiny_llama
     batches = _batches(m)

@@ -53,6 +53,7 @@ from ..stats.tokens import counted_tokens
 log = logging.getLogger(__name__)
 
 NO_UNIT = -1  # a probe without intervention (clean value, or a gradient probe)
+UNEMBED_ROWS = 256  # probes unembedded at once (logits of 256 x 262,144 vocabulary entries are 268 MB)
 
 
 @dataclass
@@ -171,9 +172,11 @@ class AblationEngine:
                 if not idx:
                     continue
                 ii, rr, pp = (torch.as_tensor(x) for x in zip(*idx, strict=True))
-                with torch.no_grad():
-                    nll = self._nll(h[rr, pp], torch.as_tensor(self.tokens.target_ids[ii.numpy()]))
-                out[ii.numpy()] = nll.double().cpu().numpy()
+                hp, tgt = h[rr, pp], torch.as_tensor(self.tokens.target_ids[ii.numpy()])
+                for a in range(0, len(ii), UNEMBED_ROWS):
+                    with torch.no_grad():
+                        nll = self._nll(hp[a : a + UNEMBED_ROWS], tgt[a : a + UNEMBED_ROWS])
+                    out[ii[a : a + UNEMBED_ROWS].numpy()] = nll.double().cpu().numpy()
             self._clean_nll = out
             self.seconds["clean"] += time.perf_counter() - t0
         return self._clean_nll
@@ -309,12 +312,16 @@ class AblationEngine:
 
             with self.model.hooks({site: write}):
                 h = self.model.final_hidden(ids, mask, start_at_layer=layer, resid=resid, position_ids=pos)
-            with torch.no_grad():
-                logp = torch.log_softmax(self.model.unembed(h[prow, pcol]).float(), -1)
+            hp = h[prow, pcol]
             tgt = torch.as_tensor(self.tokens.target_ids[tok[idx]])
-            nll[idx] = (-logp.gather(1, tgt[:, None])[:, 0]).double().numpy()
-            if readout is not None:
-                readout(idx, logp)
+            # the unembedding in slices of probes: [probes, vocab] at once is gigabytes for a large vocabulary
+            for a in range(0, len(idx), UNEMBED_ROWS):
+                b = min(a + UNEMBED_ROWS, len(idx))
+                with torch.no_grad():
+                    logp = torch.log_softmax(self.model.unembed(hp[a:b]).float(), -1)
+                nll[idx[a:b]] = (-logp.gather(1, tgt[a:b, None])[:, 0]).double().numpy()
+                if readout is not None:
+                    readout(idx[a:b], logp)
             self.n_probes += len(idx)
             if progress is not None:
                 progress(len(idx))
