@@ -103,6 +103,7 @@ def test_compare(run, tiny_folder, tmp_path, capsys):
     assert main(["compare", str(run), str(other), "--bins", "2", "--out", str(out_csv)]) == 0
     text = capsys.readouterr().out
     assert "relative depth" in text
+    assert "Replication, neuron by neuron" in text  # two runs of one model (other text): verdicts compared
     df = pd.read_csv(out_csv)
     assert list(df.columns) == ["category", "depth", "selective_a", "selective_b", "per_1k_a", "per_1k_b"]
     assert len(df) == 8 * 2 and set(df.depth) == {"0-50%", "50-100%"}

@@ -287,6 +287,12 @@ def _claim_key(df: Any) -> Any:
     return df["verdict"].astype(str) + "/" + direction + "/" + what
 
 
+def run_model(run: str | Path) -> str | None:
+    """The model a run folder was made with (its ``config.json``), or None."""
+    path = Path(run) / "config.json"
+    return read_json(path).get("model") if path.exists() else None
+
+
 def replication(run_a: str | Path, run_b: str | Path) -> Any:
     """Do a run's verdicts survive a change of text? Two hunts of the **same model** (e.g. ``--split train`` and
     ``--split heldout``, or two corpora), compared neuron by neuron.
@@ -299,15 +305,15 @@ def replication(run_a: str | Path, run_b: str | Path) -> Any:
     """
     import numpy as np
     import pandas as pd
+    import pyarrow.parquet as pq
+
+    from ..judge.thresholds import VERDICTS
 
     run_a, run_b = require_hunt(run_a), require_hunt(run_b)
-    model_a = (read_json(run_a / "config.json") if (run_a / "config.json").exists() else {}).get("model")
-    model_b = (read_json(run_b / "config.json") if (run_b / "config.json").exists() else {}).get("model")
+    model_a, model_b = run_model(run_a), run_model(run_b)
     if model_a != model_b:
         raise ConfigError(f"replication compares two runs of one model: {run_a} is {model_a}, {run_b} is {model_b}")
     cols = ["layer", "neuron", "verdict", "direction", "claim_category", "claim_categories", "claim_token"]
-    import pyarrow.parquet as pq
-
     a, b = (pd.read_parquet(r / "neurons.parquet", columns=[c for c in cols if c in
                                                                pq.read_schema(r / "neurons.parquet").names])
             for r in (run_a, run_b))
@@ -320,8 +326,6 @@ def replication(run_a: str | Path, run_b: str | Path) -> Any:
     same_claim = (both.key_a == both.key_b).to_numpy()
     share_a = both.verdict_a.value_counts(normalize=True)
     share_b = both.verdict_b.value_counts(normalize=True)
-    from ..judge.thresholds import VERDICTS
-
     rows = []
     for verdict in [*[v for v in VERDICTS if v in share_a.index], "all"]:
         sel = (both.verdict_a == verdict).to_numpy() if verdict != "all" else np.ones(len(both), dtype=bool)

@@ -263,12 +263,11 @@ def register(app: typer.Typer) -> None:  # noqa: C901 - one block of command def
     ) -> None:
         """Selective neurons per category and relative depth, two runs side by side; for two runs of one model
         (e.g. --split train and --split heldout), also how many verdicts replicate neuron by neuron."""
-        from ..analysis.interpret import compare_runs, replication
-        from ..io import read_json, write_table
+        from ..analysis.interpret import compare_runs, replication, run_model
+        from ..io import write_table
 
         res = compare_runs(run_a, run_b, bins=bins)
-        models = [read_json(Path(r) / "config.json").get("model") if (Path(r) / "config.json").exists() else None
-                  for r in (run_a, run_b)]
+        models = [run_model(r) for r in (run_a, run_b)]
         console.print(f"A = {run_a}\nB = {run_b}")
         if res["only_a"] or res["only_b"]:
             console.print(f"Categories only in A: {res['only_a'] or '-'}; only in B: {res['only_b'] or '-'}")
