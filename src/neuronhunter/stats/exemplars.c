@@ -59,7 +59,7 @@ void nh_topk_update(const float *cand, const int64_t *cpos, const int64_t *cwin,
         }
         int64_t a = 0, c = 0;
         for (int64_t p = 0; p < k; p++) { /* merge the two sorted lists, keeping the first k */
-            if (c < m && (a >= k || topk_before(cv[c], cw[c], lv[a], lw[a]))) {
+            if (c < m && topk_before(cv[c], cw[c], lv[a], lw[a])) { /* a <= p < k: the list never runs out */
                 values[p * d + j] = cv[c];
                 window[p * d + j] = cw[c];
                 pos[p * d + j] = cp[c];
