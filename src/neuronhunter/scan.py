@@ -331,7 +331,7 @@ class Scanner:
                 state.prune_windows()
             if checkpoint is not None and cfg.checkpoint_every and state.batches_done % cfg.checkpoint_every == 0:
                 state.prune_windows()
-                save_state(state, checkpoint, checkpoint_extra)
+                save_state(state, checkpoint, checkpoint_extra, codec="lz4")  # (read back only on resume)
             yield state
         if skip and state.batches_done == skip:  # the corpus ended at (or before) the interruption point
             _check_replay(state, replay)

@@ -30,6 +30,9 @@ from .stats.state import ScanState, dump_state, read_state, save_state
 __all__ = ["CountOnce", "Plan", "ShardStore", "TreeMerge", "compare_runs", "in_file", "peak_rss_mb", "shard_name",
            "shard_ranges", "tree_merge"]
 
+SHARD_CODEC = "lz4"  # shard states are written once and read once: the faster codec (pack_tensors)
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
@@ -61,14 +64,14 @@ class ShardStore:
         """Write a shard's state, then its record (``extra`` must be JSON-able)."""
         name = shard_name(shard)
         if self.root is not None:
-            save_state(state, self.root / f"{name}.pt", extra)
+            save_state(state, self.root / f"{name}.pt", extra, codec=SHARD_CODEC)
             write_json(self.root / f"{name}.json", extra)
             return
         import io
         import json
 
         buf = io.BytesIO()
-        dump_state(state, buf, extra)
+        dump_state(state, buf, extra, codec=SHARD_CODEC)
         self._put(f"{name}.pt", buf.getvalue())
         self._put(f"{name}.json", json.dumps(extra, indent=1).encode())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from neuronhunter.config import ScanConfig
@@ -31,16 +32,18 @@ def _equal(a, b):
     return _diff(a, b) is None
 
 
-def test_pack_round_trip_every_dtype():
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_pack_round_trip_every_dtype(codec):
     g = torch.Generator().manual_seed(0)
     obj = {"small": torch.arange(5), "i32": torch.randint(0, 3, (300, 200), generator=g, dtype=torch.int32),
            "i64": torch.randint(-5, 2**40, (20000,), generator=g), "f64": torch.randn(100, 100, generator=g).double(),
            "f32": torch.full((70000,), float("nan")), "nested": [{"u8": torch.zeros(1 << 17, dtype=torch.uint8)}],
            "text": "kept", "n": 3}
-    packed = pack_tensors(obj)
+    packed = pack_tensors(obj, codec)
     assert packed["small"] is obj["small"]  # small tensors are stored as they are
     assert PACKED in packed["i32"] and PACKED in packed["nested"][0]["u8"]
     assert packed["nested"][0]["u8"]["data"].numel() < 1000  # zeros compress
+    assert packed["i32"].get("codec", "zstd") == codec  # recorded where not zstd (older files hold zstd only)
     back = unpack_tensors(packed)
     assert _equal(back, obj)
 

@@ -97,10 +97,6 @@ class TopK:
         self.pos = torch.cat([self.pos, pos.to(torch.int32)]).gather(0, idx)
         self.values = values.gather(0, idx)
 
-    def referenced_windows(self) -> Tensor:
-        """Window ids currently held (for pruning stored window tokens)."""
-        return torch.unique(self.window[self.window >= 0])
-
     def state_dict(self) -> dict[str, Any]:
         return {"d": self.d, "k": self.k, "values": self.values, "window": self.window, "pos": self.pos}
 
@@ -217,9 +213,6 @@ class BandSamples:
             raise ValueError("cannot merge band samples with different bands, scales or seeds")
         self._merge(other.hash, other.window, other.pos, other.value)
         return self
-
-    def referenced_windows(self) -> Tensor:
-        return torch.unique(self.window[self.window >= 0])
 
     def state_dict(self) -> dict[str, Any]:
         return {"d": self.d, "r": self.r, "seed": self.seed, "fractions": list(self.fractions), "scale": self.scale,

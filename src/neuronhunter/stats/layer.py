@@ -168,11 +168,10 @@ class LayerStats:
             self._thr = torch.tensor(self.spec.threshold, device=device)
         return self._thr
 
-    def referenced_windows(self) -> Tensor:
-        """Ids of the windows this layer's exemplars refer to (unique, sorted)."""
-        parts = [self.topk.referenced_windows(), self.bottomk.referenced_windows(),
-                 self.bands_pos.referenced_windows(), self.bands_neg.referenced_windows()]
-        return torch.unique(torch.cat(parts))
+    def window_tensors(self) -> list[Tensor]:
+        """The exemplars' window-id tensors (-1: an empty slot)."""
+        return [self.topk.window, self.bottomk.window, self.bands_pos.window, self.bands_neg.window]
+
 
     def check_mergeable(self, other: LayerStats) -> None:
         """Raise a one-line error when ``other`` was accumulated differently (neurons, thresholds, bins, k, ...)."""

@@ -112,11 +112,15 @@ class ScanState:
         self.corpus_fp = (self.corpus_fp + window_digest(source, start, ids)) % FINGERPRINT_MOD
         self.documents += start == 0
 
+    def referenced_windows(self) -> set[int]:
+        """Ids of the windows some exemplar of some layer refers to (one sort over all of them)."""
+        parts = [ls.window_tensors() for ls in self.layers.values()]
+        flat = torch.cat([t.reshape(-1) for group in parts for t in group]) if parts else torch.empty(0, dtype=torch.long)
+        return set(torch.unique(flat[flat >= 0]).tolist())
+
     def prune_windows(self) -> None:
         """Forget the tokens of windows no exemplar refers to any more."""
-        keep: set[int] = set()
-        for ls in self.layers.values():
-            keep.update(ls.referenced_windows().tolist())
+        keep = self.referenced_windows()
         self.windows = {w: v for w, v in self.windows.items() if w in keep}
 
     def check_mergeable(self, other: ScanState) -> None:
@@ -129,16 +133,12 @@ class ScanState:
                 raise RunDirError(f"cannot merge scans with different {what}")
         for layer, ls in self.layers.items():
             ls.check_mergeable(other.layers[layer])
-        overlap = self.window_ids() & other.window_ids()
+        # a state stores every window its exemplars refer to (a scan stores each window it reads, then prunes the
+        # unreferenced ones), so overlapping windows show in the stored ones
+        overlap = self.windows.keys() & other.windows.keys()
         if overlap:
             raise RunDirError(f"cannot merge scans whose window ids overlap (e.g. window {min(overlap)}); "
                               "shards must number their windows globally")
-
-    def window_ids(self) -> set[int]:
-        ids = set(self.windows)
-        for ls in self.layers.values():
-            ids.update(ls.referenced_windows().tolist())
-        return ids
 
     def merge(self, other: ScanState) -> ScanState:
         """Merge another shard of the same scan (checked by :meth:`check_mergeable` first)."""
@@ -176,16 +176,19 @@ class ScanState:
         )
 
 
-PACKED = "__zstd__"  # marks a tensor stored compressed by :func:`pack_tensors`
+PACKED = "__zstd__"  # marks a tensor stored compressed by :func:`pack_tensors` (whatever its codec)
 PACK_MIN_BYTES = 1 << 16
+CODECS = ("zstd", "lz4")
 
 
-def pack_tensors(obj: Any) -> Any:
-    """``obj`` with every tensor of at least 64 KiB replaced by its zstd-compressed bytes (lossless).
+def pack_tensors(obj: Any, codec: str = "zstd") -> Any:
+    """``obj`` with every tensor of at least 64 KiB replaced by its compressed bytes (lossless).
 
     The big accumulators (per-category histograms, bin counts, exemplar ids) are mostly zeros and small integers:
     compressed they take several times less disk (a default hunt's ``stats.pt``: 286 MB -> 85 MB). The result still
     loads with ``torch.load(weights_only=True)``; :func:`unpack_tensors` restores the tensors bit for bit.
+    ``codec``: ``zstd`` (smaller; a run's ``stats.pt``) or ``lz4`` (about twice as fast both ways, a third larger:
+    the states a scan writes only to read them back, checkpoints and Ray shards).
     """
     if isinstance(obj, torch.Tensor):
         if obj.numel() * obj.element_size() < PACK_MIN_BYTES or obj.dtype not in _PACKABLE:
@@ -193,13 +196,16 @@ def pack_tensors(obj: Any) -> Any:
         import pyarrow as pa
 
         raw = obj.detach().cpu().contiguous().numpy().tobytes()
-        data = pa.compress(raw, codec="zstd", asbytes=True)
-        return {PACKED: str(obj.dtype).removeprefix("torch."), "shape": list(obj.shape), "size": len(raw),
-                "data": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+        data = pa.compress(raw, codec=codec, asbytes=True)
+        out = {PACKED: str(obj.dtype).removeprefix("torch."), "shape": list(obj.shape), "size": len(raw),
+               "data": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+        if codec != "zstd":  # (states written before the codec was recorded are zstd)
+            out["codec"] = codec
+        return out
     if isinstance(obj, dict):
-        return {k: pack_tensors(v) for k, v in obj.items()}
+        return {k: pack_tensors(v, codec) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [pack_tensors(v) for v in obj]
+        return [pack_tensors(v, codec) for v in obj]
     return obj
 
 
@@ -209,7 +215,8 @@ def unpack_tensors(obj: Any) -> Any:
         if PACKED in obj:
             import pyarrow as pa
 
-            raw = pa.decompress(obj["data"].numpy().tobytes(), decompressed_size=int(obj["size"]), codec="zstd",
+            raw = pa.decompress(obj["data"].numpy().tobytes(), decompressed_size=int(obj["size"]),
+                                codec=str(obj.get("codec", "zstd")),
                                 asbytes=True)
             dtype = getattr(torch, obj[PACKED])
             return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(obj["shape"]).clone()
@@ -222,10 +229,10 @@ def unpack_tensors(obj: Any) -> Any:
 _PACKABLE = {torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64}
 
 
-def dump_state(state: ScanState, fh: Any, extra: dict[str, Any] | None = None) -> None:
+def dump_state(state: ScanState, fh: Any, extra: dict[str, Any] | None = None, codec: str = "zstd") -> None:
     """Write a state (and JSON-able ``extra``) to a path or binary file object, big tensors compressed
-    (:func:`pack_tensors`). Not atomic by itself: :func:`save_state` is."""
-    torch.save({"state": pack_tensors(state.state_dict()), **(extra or {})}, fh)
+    (:func:`pack_tensors` with ``codec``). Not atomic by itself: :func:`save_state` is."""
+    torch.save({"state": pack_tensors(state.state_dict(), codec), **(extra or {})}, fh)
 
 
 def read_state(fh: Any) -> tuple[ScanState, dict[str, Any]]:
@@ -237,10 +244,10 @@ def read_state(fh: Any) -> tuple[ScanState, dict[str, Any]]:
     return ScanState.from_state_dict(unpack_tensors(blob.pop("state"))), blob
 
 
-def save_state(state: ScanState, path: Path, extra: dict[str, Any] | None = None) -> None:
+def save_state(state: ScanState, path: Path, extra: dict[str, Any] | None = None, codec: str = "zstd") -> None:
     """Write a state (and JSON-able ``extra``) atomically (a checkpoint, a shard or a run's ``stats.pt``)."""
     with atomic_path(path) as tmp:
-        dump_state(state, tmp, extra)
+        dump_state(state, tmp, extra, codec)
 
 
 def load_state(path: Path) -> tuple[ScanState, dict[str, Any]]:

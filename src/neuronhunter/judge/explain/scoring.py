@@ -233,9 +233,6 @@ class LayerScorer:
         self.slots[:, self.n_row:] += buf.view(2, nj, 2).double()
 
     # ------------------------------------------------------------------------------------------- state
-    def referenced_windows(self) -> Tensor:  # the scanner prunes stored windows by this: none are kept
-        return torch.zeros(0, dtype=torch.long)
-
     def check_mergeable(self, other: LayerScorer) -> None:
         if (other.layer, other.d, other.n_pairs) != (self.layer, self.d, self.n_pairs) or not (
                 torch.equal(other.pair_neuron, self.pair_neuron) and torch.equal(other.high, self.high)):
