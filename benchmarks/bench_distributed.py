@@ -13,6 +13,9 @@ round so that a busy spell of this shared machine does not always fall on the sa
   shard's start to the last one's end) + ``merge_s`` (merging left after the last shard). Tokens / scan time is
   each engine's rate, and Ray 1 worker / single process the ratio the goal is about (>= 0.90);
 * the shard phase alone (the workers' throughput) and the whole command's wall clock (Ray's start included);
+* Ray's own time inside each Ray run (planning without the calibration, the gaps around the workers' scan loops,
+  merging after the last shard) as a share of the work one process would do (calibration + the same loops): an
+  estimate of the ratio that the noise between runs of a shared machine does not touch;
 * from the shard records: the merge time (while shards run, and after the last one) and its share of the scan time
   (goal <= 5%), and Ray's overhead per shard (shard-phase wall time minus the time the workers spent inside the
   scan loop, per shard: reading the corpus up to the shard, building and saving its state, scheduling, and the
@@ -62,7 +65,12 @@ def _scan(common: list[str], out: Path, engine: str, workers: int = 0, shards: i
         return row
     recs = list(json.loads((out / "shards" / "index.json").read_text())["shards"].values())
     row["scan_time"] = tm["plan_s"] + tm["scan_s"] + tm["merge_s"]
-    row["overhead"] = (tm["scan_s"] * workers - sum(r["scan_s"] for r in recs)) / len(recs)
+    inner = sum(r["scan_s"] for r in recs)
+    row["overhead"] = (tm["scan_s"] * workers - inner) / len(recs)
+    # Ray's own cost inside this run (plan without calibration, time between and around the workers' scan loops,
+    # merge after the last shard), over what one process would spend on the same work (calibration + the loops)
+    own = tm["plan_s"] - tm.get("calibrate_s", 0.0) + tm["scan_s"] - inner / workers + tm["merge_s"]
+    row["own_share"] = own / (tm.get("calibrate_s", 0.0) + inner / workers)
     row["peak"] = max(r.get("peak_rss_mb", 0) for r in recs)
     row["shards"] = len(recs)
     return row
@@ -138,6 +146,11 @@ def main() -> None:
           f"counting the merging done while shards ran; "
           f"{med([x['merge_during_scan_s'] + x['merge_s'] for x in r1]) / args.shards:.2f} s a shard")
     print(f"ray overhead per shard (1 worker): {med([x['overhead'] for x in r1]):.2f} s")
+    own = med([x["own_share"] for x in r1])
+    print(f"ray's own time inside the 1-worker runs (plan without calibration, gaps around the workers' scan loops, "
+          f"merge after the last shard): {100 * own:.1f}% of the work -> {1 / (1 + own):.2f} of the single process "
+          "if the workers' scan loops ran as fast as its loop (the same machine within one run: no round-to-round "
+          "noise; not counted: the cycles Ray's daemons and the driver's merging take from the loops)")
     if args.out is None:
         import shutil
 

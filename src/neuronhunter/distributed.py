@@ -80,8 +80,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CountOnce", "Plan", "ShardStore", "ShardWorker", "compare_runs", "run_distributed_scan", "shard_ranges",
-           "tree_merge"]
+__all__ = ["CountOnce", "Plan", "ShardStore", "ShardWorker", "compare_runs", "run_distributed_scan",
+           "run_sharded_pass", "shard_ranges", "tree_merge"]
 
 SHARDS = "shards"  # the run folder's sub-folder (always holds the index and the calibration)
 INDEX = "index.json"
@@ -186,6 +186,16 @@ class ShardWorker:
             return {}
         return {layer: cal.state_dict() for layer, cal in self.scanner.calibrate().items()}
 
+    def shard_pass(self, labeller: TokenLabeller | None, window_range: tuple[int, int, int],
+                   stop: tuple[int, int] | None, calibration: dict[int, dict[str, Any]]) -> tuple[Any, ScanState]:
+        """The scanner of one shard and its fresh state (the held-out pass's worker scores explanations instead)."""
+        from .scan import Scanner
+
+        sc = Scanner(self.model, self.cfg, labeller, window_range=window_range, stop=stop)
+        sc._model_fp = self.scanner.model_fp
+        cal = {int(k): Calibration.from_state_dict(v) for k, v in calibration.items()}
+        return sc, sc.new_state(cal)
+
     def progress(self) -> tuple[int, int]:
         """``(shard, tokens done)`` of the shard being scanned (``(-1, 0)`` between shards)."""
         return self.current
@@ -197,7 +207,6 @@ class ShardWorker:
         corpus to start reading at, and its first document's id) and write its state (then its record) to
         ``store``; returns the record."""
         from .data.corpus import Corpus
-        from .scan import Scanner
 
         t0 = time.perf_counter()
         labeller = self.labeller
@@ -206,14 +215,11 @@ class ShardWorker:
             counts = labeller.cooccurrence = np.zeros_like(counts)  # (what Ray handed over is read-only)
             step = self.cfg.context_length - (1 if self.scanner.bos is not None else 0)
             labeller = CountOnce(labeller, skip=span["skip"] * step, first=span["doc_tokens"])
-        sc = Scanner(self.model, self.cfg, labeller, window_range=(span["doc"], span["skip"], span["windows"]),
-                     stop=tuple(stop) if stop else None)
-        sc._model_fp = self.scanner.model_fp
+        sc, state = self.shard_pass(labeller, (span["doc"], span["skip"], span["windows"]),
+                                    tuple(stop) if stop else None, calibration)  # type: ignore[arg-type]
         if start is not None:
             sc.corpus = Corpus(self.cfg.corpus, text_field=self.cfg.text_field, on_error=self.cfg.on_bad_document,  # type: ignore[arg-type]
                                start=(str(start[0]), int(start[1])))
-        cal = {int(k): Calibration.from_state_dict(v) for k, v in calibration.items()}
-        state = sc.new_state(cal)
         self.current = (shard, 0)
         t1 = time.perf_counter()
         for _ in sc.steps(state):
@@ -400,7 +406,9 @@ def run_distributed_scan(
                                      resumed=folder is not None and folder.resumed)
         # another store holds each run's shards in a folder of its own (two runs may share a store)
         store = ShardStore(f"{cfg.shard_store.rstrip('/')}/{index['run']}" if cfg.shard_store else meta_dir)
+        t_cal = time.perf_counter()
         calibration = _calibration(meta_dir, session.workers[0], index, resumed)
+        timings["calibrate_s"] = time.perf_counter() - t_cal  # (part of plan_s)
         timings["plan_s"] = time.perf_counter() - t1
         record = {"run": index["run"], "plan": index["digest"]}
         done = {s: r for s, r in store.records().items()
@@ -460,6 +468,74 @@ def run_distributed_scan(
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_sharded_pass(cfg: ScanConfig, worker: type[ShardWorker], args: tuple[Any, ...],
+                     build: Callable[[dict[str, Any]], ScanState], *, model: HookedModel | None = None,
+                     labeller: TokenLabeller | None = None,
+                     progress: Callable[[int, int | None], None] | None = None) -> tuple[ScanState, dict[str, float]]:
+    """One pass of another kind over ``cfg``'s corpus, cut into shards on Ray like the scan, without a run folder
+    (the held-out pass of ``explain``): actors of class ``worker`` (a :class:`ShardWorker` whose
+    :meth:`~ShardWorker.shard_pass` makes that pass's scanner and state; ``args`` follow its usual constructor
+    arguments), shard states in a temporary folder, merged in shard order (``build`` turns a stored state dict back
+    into a state) and removed. Returns the merged state and timings."""
+    import shutil
+    import tempfile
+
+    ray = _require_ray()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    session = _Ray()
+    tmp = Path(tempfile.mkdtemp(prefix="neuronhunter-pass-"))
+    try:
+        session.start(cfg)
+        n_workers, cpus, gpus = worker_layout(cfg)
+        actor = ray.remote(worker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
+                                           max_task_retries=MAX_ATTEMPTS, max_concurrency=2)
+        model_ref = ray.put(model) if model is not None else None
+        refs = [ray.put(a) for a in args]
+        threads = None if gpus else max(1, int(cpus))
+
+        def new_worker() -> Any:
+            return actor.remote(cfg, model_ref, labeller, threads, *refs)
+
+        session.workers = [new_worker() for _ in range(n_workers)]
+        infos = [_get(w.describe.remote()) for w in session.workers]
+        if len({i["model_fp"] for i in infos}) > 1:
+            raise RunDirError("the workers loaded different model weights (is the model the same on every node?)")
+        timings["load_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        planned = _get(session.workers[0].plan.remote(cfg.shards))
+        plan = Plan(shards=cfg.shards, config={}, model_fp=infos[0]["model_fp"], settings=infos[0]["settings"],
+                    corpus=planned["corpus"], stop=tuple(planned["stop"]) if planned["stop"] else None,
+                    ranges=planned["ranges"])
+        index = {"run": uuid.uuid4().hex, "digest": plan.digest()}
+        timings["plan_s"] = time.perf_counter() - t1
+        todo = [s for s in range(plan.shards) if plan.ranges[s]["windows"] > 0]
+        store = ShardStore(tmp)
+        merge = _OrderedMerge(store, plan, index, todo, build)
+        bar = _Progress(progress, sum(plan.tokens))
+        t2 = time.perf_counter()
+        starts = planned.get("starts") or [None] * plan.shards
+        _schedule(session, new_worker, todo, plan, {}, store, {"run": index["run"], "plan": index["digest"]}, bar,
+                  index, tmp, starts, merge)
+        timings["scan_s"] = time.perf_counter() - t2
+        timings["merge_during_scan_s"] = merge.seconds
+        session.shutdown()
+        t3 = time.perf_counter()
+        state = merge.result()
+        timings["merge_s"] = time.perf_counter() - t3
+        if state is None:
+            raise CorpusError("the pass read no tokens: the corpus is too short")
+        return state, timings
+    except BaseException as exc:
+        err = _unwrap(exc)
+        if err is not exc:
+            raise err from None
+        raise
+    finally:
+        session.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_resumable(folder: RunFolder, cfg: ScanConfig) -> None:
@@ -592,8 +668,9 @@ class _OrderedMerge:
     result (and its float rounding) is the same whatever order the shards finish in, and little is left to merge
     after the last one."""
 
-    def __init__(self, store: ShardStore, plan: Plan, index: dict[str, Any], shards: list[int]) -> None:
-        self.store, self.plan, self.index = store, plan, index
+    def __init__(self, store: ShardStore, plan: Plan, index: dict[str, Any], shards: list[int],
+                 build: Callable[[dict[str, Any]], ScanState] | None = None) -> None:
+        self.store, self.plan, self.index, self.build = store, plan, index, build
         self.order = sorted(shards)  # every shard with windows
         self.ready: set[int] = set()
         self.at = 0
@@ -615,7 +692,7 @@ class _OrderedMerge:
         return self.tree.result()
 
     def _load(self, shard: int) -> ScanState:
-        state, extra = self.store.load_state(shard)
+        state, extra = self.store.load_state(shard, self.build)
         if extra.get("run") != self.index["run"] or extra.get("plan") != self.index["digest"]:
             raise RunDirError(f"shard {shard} in {self.store.location} belongs to another scan; start again with "
                               "--overwrite")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 
 from .data.batches import TokenLabeller
 from .io import read_json, write_json
-from .stats.state import ScanState, dump_state, read_state, save_state
+from .stats.state import ScanState, dump_state, read_state_dict, save_state
 
 __all__ = ["CountOnce", "Plan", "ShardStore", "TreeMerge", "compare_runs", "in_file", "peak_rss_mb", "shard_name",
            "shard_ranges", "tree_merge"]
@@ -106,17 +106,20 @@ class ShardStore:
                     out[int(name[6:11])] = json.loads(fh.read())
         return out
 
-    def load_state(self, shard: int) -> tuple[ScanState, dict[str, Any]]:
-        from .stats.state import load_state
-
+    def load_state(self, shard: int, build: Callable[[dict[str, Any]], Any] | None = None
+                   ) -> tuple[ScanState, dict[str, Any]]:
+        """A shard's state and record; ``build`` turns the stored state dict into the state (default:
+        :meth:`ScanState.from_state_dict`; the held-out pass stores other states)."""
         name = f"{shard_name(shard)}.pt"
         if self.root is not None:
-            return load_state(self.root / name)
-        import io
+            state, extra = read_state_dict(self.root / name)
+        else:
+            import io
 
-        fs, root = self._fs()
-        with fs.open(f"{root}/{name}", "rb") as fh:
-            return read_state(io.BytesIO(fh.read()))
+            fs, root = self._fs()
+            with fs.open(f"{root}/{name}", "rb") as fh:
+                state, extra = read_state_dict(io.BytesIO(fh.read()))
+        return (build or ScanState.from_state_dict)(state), extra
 
     def remove(self, shards: list[int] | None = None) -> None:
         """Delete shard files of this store (all of them by default); nothing else is touched."""

@@ -182,3 +182,36 @@ def test_hunt_on_ray_gives_the_same_verdicts(tiny_gpt2, corpus, tmp_path, ray_se
     assert a["verdict"].tolist() == b["verdict"].tolist()
     info = [json.loads((tmp_path / r / "hunt.json").read_text()) for r in ("one", "ray")]
     assert info[0]["cooccurrence"] == info[1]["cooccurrence"] and np.sum(info[0]["cooccurrence"]) > 0
+
+
+def test_explain_on_ray_scores_as_one_process(tmp_path, ray_session):
+    """The explain pass shares the scan's engine: with --engine ray (2 workers, 5 shards) every candidate's held-out
+    counts equal the one-process pass's, its scores agree to float64 rounding, and the same explanations win."""
+    import pandas as pd
+    import yaml
+
+    from neuronhunter.judge.explain import ExplainConfig, explain_run
+    from neuronhunter.judge.explain.planted import PLANTED_LEXICON, planted_model, write_planted_corpus
+
+    corpus = write_planted_corpus(tmp_path / "corpus")
+    lexicon = tmp_path / "lexicon.yaml"
+    lexicon.write_text(yaml.safe_dump(PLANTED_LEXICON))
+    model = planted_model(corpus)
+    with torch_threads(1):
+        run_scan(ScanConfig(model="planted", corpus=str(corpus), out=str(tmp_path / "run"), context_length=32,
+                            batch_size=8, split="train", concepts=str(lexicon), compile_stats=False,
+                            checkpoint_every=0), model=model)
+        one = explain_run(tmp_path / "run", ExplainConfig(batch_size=8), model=model, write=False)
+    ray_ = explain_run(tmp_path / "run", ExplainConfig(batch_size=8, engine="ray", workers=2, shards=5), model=model,
+                       write=False)
+    assert ray_.info["timings"]["ray_scan_s"] > 0 and ray_.state.tokens == one.state.tokens > 0
+    assert ray_.state.corpus_fp == one.state.corpus_fp and ray_.state.fold_documents == one.state.fold_documents
+    assert torch.equal(ray_.state.feature_counts, one.state.feature_counts)
+    a, b = one.explanations, ray_.explanations
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) > 100
+    for col in a.columns:
+        if pd.api.types.is_float_dtype(a[col]):
+            assert np.allclose(a[col], b[col], rtol=1e-9, atol=1e-12, equal_nan=True), col
+        else:
+            assert a[col].astype(str).tolist() == b[col].astype(str).tolist(), col
+    assert b["is_best"].sum() > 0

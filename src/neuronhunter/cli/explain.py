@@ -6,7 +6,7 @@ from typing import Any
 
 import typer
 
-from .common import LazyProgress, console
+from .common import AddressOpt, EngineOpt, LazyProgress, ShardsOpt, WorkersOpt, console
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -91,6 +91,10 @@ def register(app: typer.Typer) -> None:
         high_fraction: float = typer.Option(None, help="High tokens: above this fraction of the neuron's median "
                                             "top-k peak (train) [default: 0.5]"),
         device: str = typer.Option(None, help="cpu, cuda, cuda:N or auto [default: cpu]"),
+        engine: EngineOpt = None,
+        workers: WorkersOpt = None,
+        address: AddressOpt = None,
+        shards: ShardsOpt = None,
         config: str = typer.Option(None, "--config", help="YAML/JSON file of explain options (options win)"),
     ) -> None:
         """Explain every neuron of RUN (tokens, context, category, position, domain, optional text) and score each
@@ -105,7 +109,8 @@ def register(app: typer.Typer) -> None:
         units = [u for u in text_neurons.split(",") if u.strip()] if text_neurons else None
         cfg = load_config(ExplainConfig, config, corpus=corpus, max_tokens=max_tokens, batch_size=batch_size,
                           text_neurons=text, text_units=units, explainer=explainer, explainer_model=explainer_model,
-                          simulator=simulator, high_fraction=high_fraction, device=device)
+                          simulator=simulator, high_fraction=high_fraction, device=device, engine=engine,
+                          workers=workers, ray_address=address, shards=shards)
         with LazyProgress("held-out pass") as progress:
             result = explain_run(run, cfg, progress=progress)
         print_summary(result)

@@ -235,13 +235,20 @@ def dump_state(state: ScanState, fh: Any, extra: dict[str, Any] | None = None, c
     torch.save({"state": pack_tensors(state.state_dict(), codec), **(extra or {})}, fh)
 
 
+def read_state_dict(fh: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The state dict (tensors unpacked) and ``extra`` that :func:`dump_state` wrote (or an older run's bare
+    ``stats.pt``), from a path or a binary file object."""
+    blob = torch.load(fh, weights_only=True)
+    if "state" not in blob:  # older runs' stats.pt held the state dict itself
+        return unpack_tensors(blob), {}
+    return unpack_tensors(blob.pop("state")), blob
+
+
 def read_state(fh: Any) -> tuple[ScanState, dict[str, Any]]:
     """Read what :func:`dump_state` wrote (or an older run's ``stats.pt``, the bare state dict) from a path or a
     binary file object; returns ``(state, extra)``."""
-    blob = torch.load(fh, weights_only=True)
-    if "state" not in blob:  # older runs' stats.pt held the state dict itself
-        return ScanState.from_state_dict(unpack_tensors(blob)), {}
-    return ScanState.from_state_dict(unpack_tensors(blob.pop("state"))), blob
+    state, extra = read_state_dict(fh)
+    return ScanState.from_state_dict(state), extra
 
 
 def save_state(state: ScanState, path: Path, extra: dict[str, Any] | None = None, codec: str = "zstd") -> None:

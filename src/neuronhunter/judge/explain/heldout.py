@@ -19,6 +19,7 @@ import torch
 
 from ...config import ScanConfig
 from ...data.split import unit_hash
+from ...distributed import ShardWorker
 from ...scan import Scanner
 from ...stats.state import ScanState
 from ...stats.tokens import counted_tokens
@@ -56,6 +57,25 @@ class ExplainState(ScanState):
     def prune_windows(self) -> None:  # nothing is stored
         self.windows.clear()
 
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`scores_state` and the fingerprints (what a shard of the held-out pass stores)."""
+        return {**self.scores_state(), "corpus_fp": f"{self.corpus_fp:064x}", "batches_done": self.batches_done,
+                "model_fp": self.model_fp, "settings": self.settings}
+
+    def load(self, state: dict[str, Any]) -> ExplainState:
+        """Fill this fresh state (:meth:`HeldoutScanner.new_explain_state`) from a :meth:`state_dict`."""
+        if set(state["layers"]) != set(self.layers) or state["feature_counts"].shape != self.feature_counts.shape:
+            raise ValueError("the stored held-out statistics are of other layers or explanations")
+        for layer, scorer in self.layers.items():
+            scorer.load_state_dict(state["layers"][layer])
+        self.feature_counts = state["feature_counts"].clone()
+        self.tokens, self.n_windows, self.documents = int(state["tokens"]), int(state["n_windows"]), int(state["documents"])
+        self.batches_done = int(state["batches_done"])
+        self.fold_documents = [int(x) for x in state["fold_documents"]]
+        self.corpus_fp = int(state["corpus_fp"], 16)
+        self.model_fp, self.settings = state["model_fp"], state["settings"]
+        return self
+
     def scores_state(self) -> dict[str, Any]:
         """The mergeable statistics (for shards): layers, feature counts, counters."""
         return {"layers": {k: v.state_dict() for k, v in self.layers.items()}, "feature_counts": self.feature_counts,
@@ -67,8 +87,9 @@ class HeldoutScanner(Scanner):
     """The scan engine reading held-out documents, feeding :class:`LayerScorer` s (see the module docstring)."""
 
     def __init__(self, model: Any, cfg: ScanConfig, labeller: Any, candidates: CandidateSet, vocab: Vocabulary, *,
-                 domains: list[str], fold_seed: int, shard: tuple[int, int] | None = None) -> None:
-        super().__init__(model, cfg, labeller, shard=shard)
+                 domains: list[str], fold_seed: int, shard: tuple[int, int] | None = None,
+                 window_range: tuple[int, int, int] | None = None, stop: tuple[int, int] | None = None) -> None:
+        super().__init__(model, cfg, labeller, shard=shard, window_range=window_range, stop=stop)
         self.candidates, self.vocab = candidates, vocab
         self.domain_index = {name: i for i, name in enumerate(candidates.space.domains)}
         self.fold_seed = fold_seed
@@ -109,7 +130,8 @@ class HeldoutScanner(Scanner):
             scorer = LayerScorer(layer, self.n_neurons, lc.pairs, high, silent, lc.tokset, space)
             scorer.features = self.features
             layers[layer] = scorer
-        state = ExplainState(layers, feature_counts=torch.zeros((2, space.n_features), dtype=torch.long))
+        state = ExplainState(layers, feature_counts=torch.zeros((2, space.n_features), dtype=torch.long),
+                             settings=self.settings)
         self._state = state
         return state
 
@@ -147,3 +169,44 @@ def run_heldout(scanner: HeldoutScanner, *, progress: Callable[[int, int | None]
         if progress is not None:
             progress(state.tokens, total)
     return state
+
+
+class HeldoutShardWorker(ShardWorker):
+    """A Ray worker of the held-out pass (``explain --engine ray``): the scan's
+    :class:`~neuronhunter.distributed.ShardWorker` (same plan, same shards: contiguous runs of the single-process
+    pass's batches) whose shards are scored by a :class:`HeldoutScanner` instead of scanned."""
+
+    def __init__(self, config: ScanConfig, model: Any = None, labeller: Any = None, threads: int | None = None,
+                 candidates: CandidateSet | None = None, fold_seed: int = 0) -> None:
+        super().__init__(config, model, labeller, threads)
+        self.candidates, self.fold_seed = candidates, fold_seed
+        self.vocab = Vocabulary(self.model.tokenizer) if self.error is None else None
+
+    def calibrate(self) -> dict[int, dict[str, Any]]:
+        return {}  # (the held-out pass keeps no histograms)
+
+    def shard_pass(self, labeller: Any, window_range: tuple[int, int, int], stop: tuple[int, int] | None,
+                   calibration: dict[int, dict[str, Any]]) -> tuple[Any, ScanState]:
+        assert self.candidates is not None and self.vocab is not None
+        sc = HeldoutScanner(self.model, self.cfg, labeller, self.candidates, self.vocab,
+                            domains=self.candidates.space.domains, fold_seed=self.fold_seed, window_range=window_range,
+                            stop=stop)
+        state = sc.new_explain_state()
+        state.model_fp = self.scanner.model_fp
+        return sc, state
+
+
+def run_heldout_on_ray(scanner: HeldoutScanner, *, model: Any = None,
+                       progress: Callable[[int, int | None], None] | None = None) -> tuple[ExplainState, dict[str, float]]:
+    """:func:`run_heldout` as shards on Ray (``scanner.cfg``'s engine options: workers, address, shards): each
+    worker scores its shards, the driver merges their states in shard order into a state of ``scanner``. ``model``:
+    hand this loaded model to the workers (else each loads ``scanner.cfg.model`` by name)."""
+    from ...distributed import run_sharded_pass
+
+    def build(sd: dict[str, Any]) -> ExplainState:
+        return scanner.new_explain_state().load(sd)
+
+    state, timings = run_sharded_pass(scanner.cfg, HeldoutShardWorker, (scanner.candidates, scanner.fold_seed), build,
+                                      model=model, labeller=scanner.labeller, progress=progress)
+    assert isinstance(state, ExplainState)
+    return state, timings

@@ -60,6 +60,11 @@ class ExplainConfig(StrictModel):
     max_tokens: int | None = Field(None, ge=1, description="stop the held-out pass after this many tokens")
     batch_size: int = Field(16, ge=1)
     device: str = Field("cpu")
+    engine: str = Field("local", pattern="^(local|ray)$", description="local: one process; ray: the held-out pass "
+                        "as shards on Ray (the scan's engine: same shards, merged in shard order)")
+    workers: int | None = Field(None, ge=1, description="Ray actors [default: one per node, one per GPU on CUDA]")
+    ray_address: str | None = Field(None, description="Ray cluster to join [default: start a local Ray]")
+    shards: int = Field(16, ge=1, le=65536, description="shards of the held-out pass on Ray")
     high_fraction: float = Field(0.5, gt=0, le=1, description="high = above this fraction of the neuron's median "
                                  "top-k peak (train) in the direction")
     silent_fraction: float = Field(0.1, ge=0, lt=1, description="silent (hard negatives) = below this fraction")
@@ -136,7 +141,8 @@ def scan_config(config: dict[str, Any], manifest: dict[str, Any], side: dict[str
                 split_seed=side["split_seed"], max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
                 device=cfg.device, layers=list(manifest.get("layers") or []) or None,
                 neurons_per_layer=manifest.get("neurons_per_layer"), checkpoint_every=0, compile_stats=False,
-                out="unused", concepts=None, formats=["parquet"])
+                out="unused", concepts=None, formats=["parquet"], engine=cfg.engine, workers=cfg.workers,
+                ray_address=cfg.ray_address, shards=cfg.shards, shard_store=None)
     if cfg.text_field is not None:
         base["text_field"] = cfg.text_field
     elif cfg.corpus is not None:
@@ -273,6 +279,7 @@ def explain_run(run: str | Path, cfg: ExplainConfig | None = None, *, model: Hoo
     from ...stats.state import load_state, model_fingerprint
 
     cfg = cfg or ExplainConfig()
+    given = model  # a caller's model goes to Ray workers as it is (else they load the run's model by name)
     t0 = time.perf_counter()
     run = require_run(run, "stats.pt", "neurons.parquet")
     manifest = read_json(run / MANIFEST)
@@ -309,7 +316,13 @@ def explain_run(run: str | Path, cfg: ExplainConfig | None = None, *, model: Hoo
     timings["candidates_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     scanner = HeldoutScanner(model, scfg, labeller, cands, vocab, domains=cands.space.domains, fold_seed=cfg.seed)
-    est = run_heldout(scanner, progress=progress)
+    if scfg.engine == "ray":
+        from .heldout import run_heldout_on_ray
+
+        est, ray_timings = run_heldout_on_ray(scanner, model=given, progress=progress)
+        timings.update({f"ray_{k}": v for k, v in ray_timings.items()})
+    else:
+        est = run_heldout(scanner, progress=progress)
     if est.tokens == 0:
         raise ConfigError("the held-out pass counted no tokens: the held-out documents are too few or too short "
                           "(raise the run's --heldout-fraction, or pass --corpus)")
