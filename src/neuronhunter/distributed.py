@@ -282,6 +282,28 @@ class _Ray:
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         self.started = True
 
+    def start_workers(self, cfg: ScanConfig, cls: type[ShardWorker], model: HookedModel | None,
+                      labeller: TokenLabeller | None, args: tuple[Any, ...] = ()) -> tuple[Callable[[], Any], list[dict[str, Any]]]:
+        """Start the workers (actors of ``cls``, constructed with ``args`` after the usual arguments; a given
+        ``model`` is handed over, else each loads ``cfg.model``) and check they loaded the same weights; returns a
+        function that starts one more (a replacement) and each worker's :meth:`~ShardWorker.describe`."""
+        import ray
+
+        n_workers, cpus, gpus = worker_layout(cfg)
+        actor = ray.remote(cls).options(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
+                                        max_task_retries=MAX_ATTEMPTS, max_concurrency=2)
+        model_ref = ray.put(model) if model is not None else None
+        threads = None if gpus else max(1, int(cpus))
+
+        def new_worker() -> Any:
+            return actor.remote(cfg, model_ref, labeller, threads, *args)
+
+        self.workers = [new_worker() for _ in range(n_workers)]
+        infos = [_get(w.describe.remote()) for w in self.workers]
+        if len({i["model_fp"] for i in infos}) > 1:
+            raise RunDirError("the workers loaded different model weights (is the model the same on every node?)")
+        return new_worker, infos
+
     def stop_workers(self) -> None:
         import ray
 
@@ -361,7 +383,7 @@ def run_distributed_scan(
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    ray = _require_ray()
+    _require_ray()  # (one line when the extra is missing)
     if write and folder is None:
         folder = RunFolder(cfg.out, kind="scan")
     if folder is not None:
@@ -374,19 +396,8 @@ def run_distributed_scan(
     store: ShardStore | None = None
     try:
         session.start(cfg)
-        n_workers, cpus, gpus = worker_layout(cfg)
-        actor = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
-                                                max_task_retries=MAX_ATTEMPTS, max_concurrency=2)
-        model_ref = ray.put(model) if model is not None else None
-        threads = None if gpus else max(1, int(cpus))
-
-        def new_worker() -> Any:
-            return actor.remote(cfg, model_ref, labeller, threads)
-
-        session.workers = [new_worker() for _ in range(n_workers)]
-        infos = [_get(w.describe.remote()) for w in session.workers]  # model checks fail here, before any write
-        if len({i["model_fp"] for i in infos}) > 1:
-            raise RunDirError("the workers loaded different model weights (is the model the same on every node?)")
+        new_worker, infos = session.start_workers(cfg, ShardWorker, model, labeller)  # model checks fail here
+        n_workers = len(infos)
         timings["load_s"] = time.perf_counter() - t0
         from .scan import resume_key
 
@@ -471,38 +482,23 @@ def run_distributed_scan(
 
 
 def run_sharded_pass(cfg: ScanConfig, worker: type[ShardWorker], args: tuple[Any, ...],
-                     build: Callable[[dict[str, Any]], ScanState], *, model: HookedModel | None = None,
+                     build: Callable[[dict[str, Any]], ScanState], store: Path, *, model: HookedModel | None = None,
                      labeller: TokenLabeller | None = None,
                      progress: Callable[[int, int | None], None] | None = None) -> tuple[ScanState, dict[str, float]]:
     """One pass of another kind over ``cfg``'s corpus, cut into shards on Ray like the scan, without a run folder
-    (the held-out pass of ``explain``): actors of class ``worker`` (a :class:`ShardWorker` whose
-    :meth:`~ShardWorker.shard_pass` makes that pass's scanner and state; ``args`` follow its usual constructor
-    arguments), shard states in a temporary folder, merged in shard order (``build`` turns a stored state dict back
-    into a state) and removed. Returns the merged state and timings."""
-    import shutil
-    import tempfile
-
-    ray = _require_ray()
+    of its own (the held-out pass of ``explain``): actors of class ``worker`` (a :class:`ShardWorker` whose
+    :meth:`~ShardWorker.shard_pass` makes that pass's scanner and state; ``args``, small and JSON-like, follow its
+    usual constructor arguments), shard states written to the folder ``store`` (the caller's: every worker must
+    reach it; its shard files are removed afterwards), merged in shard order (``build`` turns a stored state dict
+    back into a state). Returns the merged state and timings."""
+    _require_ray()  # (one line when the extra is missing)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     session = _Ray()
-    tmp = Path(tempfile.mkdtemp(prefix="neuronhunter-pass-"))
+    shards = ShardStore(store)
     try:
         session.start(cfg)
-        n_workers, cpus, gpus = worker_layout(cfg)
-        actor = ray.remote(worker).options(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
-                                           max_task_retries=MAX_ATTEMPTS, max_concurrency=2)
-        model_ref = ray.put(model) if model is not None else None
-        refs = [ray.put(a) for a in args]
-        threads = None if gpus else max(1, int(cpus))
-
-        def new_worker() -> Any:
-            return actor.remote(cfg, model_ref, labeller, threads, *refs)
-
-        session.workers = [new_worker() for _ in range(n_workers)]
-        infos = [_get(w.describe.remote()) for w in session.workers]
-        if len({i["model_fp"] for i in infos}) > 1:
-            raise RunDirError("the workers loaded different model weights (is the model the same on every node?)")
+        new_worker, infos = session.start_workers(cfg, worker, model, labeller, args)
         timings["load_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         planned = _get(session.workers[0].plan.remote(cfg.shards))
@@ -512,13 +508,12 @@ def run_sharded_pass(cfg: ScanConfig, worker: type[ShardWorker], args: tuple[Any
         index = {"run": uuid.uuid4().hex, "digest": plan.digest()}
         timings["plan_s"] = time.perf_counter() - t1
         todo = [s for s in range(plan.shards) if plan.ranges[s]["windows"] > 0]
-        store = ShardStore(tmp)
-        merge = _OrderedMerge(store, plan, index, todo, build)
+        merge = _OrderedMerge(shards, plan, index, todo, build)
         bar = _Progress(progress, sum(plan.tokens))
         t2 = time.perf_counter()
         starts = planned.get("starts") or [None] * plan.shards
-        _schedule(session, new_worker, todo, plan, {}, store, {"run": index["run"], "plan": index["digest"]}, bar,
-                  index, tmp, starts, merge)
+        _schedule(session, new_worker, todo, plan, {}, shards, {"run": index["run"], "plan": index["digest"]}, bar,
+                  index, store, starts, merge)
         timings["scan_s"] = time.perf_counter() - t2
         timings["merge_during_scan_s"] = merge.seconds
         session.shutdown()
@@ -535,7 +530,8 @@ def run_sharded_pass(cfg: ScanConfig, worker: type[ShardWorker], args: tuple[Any
         raise
     finally:
         session.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+        shards.remove()
+        (store / INDEX).unlink(missing_ok=True)  # (_schedule's record of the shards)
 
 
 def _check_resumable(folder: RunFolder, cfg: ScanConfig) -> None:

@@ -215,3 +215,4 @@ def test_explain_on_ray_scores_as_one_process(tmp_path, ray_session):
         else:
             assert a[col].astype(str).tolist() == b[col].astype(str).tolist(), col
     assert b["is_best"].sum() > 0
+    assert not list((tmp_path / "run").glob(".explain-shards-*"))  # the pass's own folder is gone

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -174,20 +175,33 @@ def run_heldout(scanner: HeldoutScanner, *, progress: Callable[[int, int | None]
 class HeldoutShardWorker(ShardWorker):
     """A Ray worker of the held-out pass (``explain --engine ray``): the scan's
     :class:`~neuronhunter.distributed.ShardWorker` (same plan, same shards: contiguous runs of the single-process
-    pass's batches) whose shards are scored by a :class:`HeldoutScanner` instead of scanned."""
+    pass's batches) whose shards are scored by a :class:`HeldoutScanner` instead of scanned. ``candidates``: the
+    path of the pickled :class:`CandidateSet` (read by each worker, and again by a restarted one)."""
 
     def __init__(self, config: ScanConfig, model: Any = None, labeller: Any = None, threads: int | None = None,
-                 candidates: CandidateSet | None = None, fold_seed: int = 0) -> None:
+                 candidates: str = "", fold_seed: int = 0) -> None:
+        import pickle
+
+        from ...errors import RunDirError
+
         super().__init__(config, model, labeller, threads)
-        self.candidates, self.fold_seed = candidates, fold_seed
-        self.vocab = Vocabulary(self.model.tokenizer) if self.error is None else None
+        self.fold_seed, self.vocab = fold_seed, None
+        try:
+            with open(candidates, "rb") as fh:
+                self.candidates: CandidateSet = pickle.load(fh)  # noqa: S301 - written by this pass's driver
+        except OSError:
+            self.error = self.error or RunDirError(
+                f"a Ray worker cannot read {candidates}: on a cluster the run folder must be on a filesystem "
+                "every node mounts")
+        if self.error is None:
+            self.vocab = Vocabulary(self.model.tokenizer)
 
     def calibrate(self) -> dict[int, dict[str, Any]]:
         return {}  # (the held-out pass keeps no histograms)
 
     def shard_pass(self, labeller: Any, window_range: tuple[int, int, int], stop: tuple[int, int] | None,
                    calibration: dict[int, dict[str, Any]]) -> tuple[Any, ScanState]:
-        assert self.candidates is not None and self.vocab is not None
+        assert self.vocab is not None
         sc = HeldoutScanner(self.model, self.cfg, labeller, self.candidates, self.vocab,
                             domains=self.candidates.space.domains, fold_seed=self.fold_seed, window_range=window_range,
                             stop=stop)
@@ -196,17 +210,32 @@ class HeldoutShardWorker(ShardWorker):
         return sc, state
 
 
-def run_heldout_on_ray(scanner: HeldoutScanner, *, model: Any = None,
+def run_heldout_on_ray(scanner: HeldoutScanner, run: Path, *, model: Any = None,
                        progress: Callable[[int, int | None], None] | None = None) -> tuple[ExplainState, dict[str, float]]:
     """:func:`run_heldout` as shards on Ray (``scanner.cfg``'s engine options: workers, address, shards): each
-    worker scores its shards, the driver merges their states in shard order into a state of ``scanner``. ``model``:
-    hand this loaded model to the workers (else each loads ``scanner.cfg.model`` by name)."""
+    worker scores its shards, the driver merges their states in shard order into a state of ``scanner``. The
+    candidates and the shard states go to a folder of this call's own inside the run folder ``run`` (on a cluster
+    it must be on a filesystem every node mounts, as for the scan), removed afterwards. ``model``: hand this loaded
+    model to the workers (else each loads ``scanner.cfg.model`` by name)."""
+    import pickle
+    import shutil
+    import uuid
+
     from ...distributed import run_sharded_pass
+    from ...io import atomic_path
 
     def build(sd: dict[str, Any]) -> ExplainState:
         return scanner.new_explain_state().load(sd)
 
-    state, timings = run_sharded_pass(scanner.cfg, HeldoutShardWorker, (scanner.candidates, scanner.fold_seed), build,
-                                      model=model, labeller=scanner.labeller, progress=progress)
+    work = Path(run) / f".explain-shards-{uuid.uuid4().hex[:12]}"
+    work.mkdir()
+    try:
+        path = work / "candidates.pkl"
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            pickle.dump(scanner.candidates, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        state, timings = run_sharded_pass(scanner.cfg, HeldoutShardWorker, (str(path), scanner.fold_seed), build, work,
+                                          model=model, labeller=scanner.labeller, progress=progress)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # (this call's own folder)
     assert isinstance(state, ExplainState)
     return state, timings

@@ -319,7 +319,7 @@ def explain_run(run: str | Path, cfg: ExplainConfig | None = None, *, model: Hoo
     if scfg.engine == "ray":
         from .heldout import run_heldout_on_ray
 
-        est, ray_timings = run_heldout_on_ray(scanner, model=given, progress=progress)
+        est, ray_timings = run_heldout_on_ray(scanner, run, model=given, progress=progress)
         timings.update({f"ray_{k}": v for k, v in ray_timings.items()})
     else:
         est = run_heldout(scanner, progress=progress)
