@@ -87,7 +87,7 @@ SHARDS = "shards"  # the run folder's sub-folder (always holds the index and the
 INDEX = "index.json"
 CALIBRATION = "calibration.pt"
 MAX_ATTEMPTS = 3  # a shard whose worker died this many times stops the scan (resume continues it)
-POLL_S = 1.0  # how often the driver asks the workers how far they are
+POLL_S = 1.0  # how often the driver looks for finished shards
 
 # ---------------------------------------------------------------------------------------------------- worker
 class ShardWorker:
@@ -107,7 +107,6 @@ class ShardWorker:
             torch.set_num_threads(threads)
         from .scan import Scanner
 
-        self.current: tuple[int, int] = (-1, 0)  # (shard, tokens done) while a shard is scanned
         self.error: NeuronHunterError | None = None
         self.cfg = config
         try:
@@ -196,10 +195,6 @@ class ShardWorker:
         cal = {int(k): Calibration.from_state_dict(v) for k, v in calibration.items()}
         return sc, sc.new_state(cal)
 
-    def progress(self) -> tuple[int, int]:
-        """``(shard, tokens done)`` of the shard being scanned (``(-1, 0)`` between shards)."""
-        return self.current
-
     def scan(self, shard: int, span: dict[str, int], stop: list[int] | None,
              calibration: dict[int, dict[str, Any]], store: str, record: dict[str, Any],
              start: list[Any] | None = None) -> dict[str, Any]:
@@ -220,12 +215,10 @@ class ShardWorker:
         if start is not None:
             sc.corpus = Corpus(self.cfg.corpus, text_field=self.cfg.text_field, on_error=self.cfg.on_bad_document,  # type: ignore[arg-type]
                                start=(str(start[0]), int(start[1])))
-        self.current = (shard, 0)
         t1 = time.perf_counter()
         for _ in sc.steps(state):
-            self.current = (shard, state.tokens)
+            pass
         scan_s = time.perf_counter() - t1
-        self.current = (-1, 0)
         out = {**record, "shard": shard, "tokens": state.tokens, "windows": state.n_windows,
                "documents": state.documents, "corpus_fp": state.corpus_fingerprint, "scan_s": scan_s,
                "host": socket.gethostname(), "pid": os.getpid()}
@@ -290,8 +283,10 @@ class _Ray:
         import ray
 
         n_workers, cpus, gpus = worker_layout(cfg)
+        # one method at a time, on the worker process's main thread: torch ran a shard 20-30% slower on the thread
+        # pool of a threaded actor (max_concurrency > 1) than on the main thread (measured here, 2 threads)
         actor = ray.remote(cls).options(num_cpus=cpus, num_gpus=gpus, max_restarts=MAX_ATTEMPTS,
-                                        max_task_retries=MAX_ATTEMPTS, max_concurrency=2)
+                                        max_task_retries=MAX_ATTEMPTS)
         model_ref = ray.put(model) if model is not None else None
         threads = None if gpus else max(1, int(cpus))
 
@@ -353,14 +348,15 @@ def worker_layout(cfg: ScanConfig) -> tuple[int, float, float]:
 
 
 class _Progress:
-    """Tokens done: finished shards plus what the workers report of the shards they scan."""
+    """Tokens done: those of the finished shards (a worker runs one method at a time, so it cannot be asked how
+    far into a shard it is)."""
 
     def __init__(self, fn: Callable[[int, int | None], None] | None, total: int) -> None:
-        self.fn, self.total, self.done, self.running = fn, total, 0, {}
+        self.fn, self.total, self.done = fn, total, 0
 
     def report(self) -> None:
         if self.fn is not None:
-            self.fn(self.done + sum(self.running.values()), self.total)
+            self.fn(self.done, self.total)
 
 
 def run_distributed_scan(
@@ -437,7 +433,7 @@ def run_distributed_scan(
         write_json(meta_dir / INDEX, index)
         bar = _Progress(progress, sum(plan.tokens))
         bar.done = sum(int(r["tokens"]) for r in done.values())
-        merge = _OrderedMerge(store, plan, index, sorted([*done, *todo]))
+        merge = _OrderedMerge(store, plan, index, sorted([*done, *todo]), eager=cfg.ray_address is not None)
         for shard in sorted(done):
             merge.add(shard)
         t2 = time.perf_counter()
@@ -508,7 +504,7 @@ def run_sharded_pass(cfg: ScanConfig, worker: type[ShardWorker], args: tuple[Any
         index = {"run": uuid.uuid4().hex, "digest": plan.digest()}
         timings["plan_s"] = time.perf_counter() - t1
         todo = [s for s in range(plan.shards) if plan.ranges[s]["windows"] > 0]
-        merge = _OrderedMerge(shards, plan, index, todo, build)
+        merge = _OrderedMerge(shards, plan, index, todo, build, eager=cfg.ray_address is not None)
         bar = _Progress(progress, sum(plan.tokens))
         t2 = time.perf_counter()
         starts = planned.get("starts") or [None] * plan.shards
@@ -607,7 +603,6 @@ def _schedule(session: _Ray, new_worker: Callable[[], Any], todo: list[int], pla
                                                 starts[shard])
         running[ref] = (shard, slot)
 
-    last_poll = 0.0
     while queue or running:
         while queue and idle:
             submit(idle.pop(0), queue.pop(0))
@@ -630,24 +625,12 @@ def _schedule(session: _Ray, new_worker: Callable[[], Any], todo: list[int], pla
             log.info("shard %d done: %s tokens in %.0f s on %s:%s (%d of %d this session)", shard,
                      f"{int(rec['tokens']):,}", float(rec["total_s"]), rec["host"], rec["pid"], len(out), len(todo))
             bar.done += int(rec["tokens"])
-            bar.running.pop(slot, None)
             index.setdefault("shards", {})[str(shard)] = {**_summary(rec), "session": index.get("resumes", 0)}
             write_json(meta_dir / INDEX, index)
             idle.append(slot)
             if queue:  # keep the workers busy first
                 submit(idle.pop(0), queue.pop(0))
             merge.add(shard)
-        now = time.perf_counter()
-        if running and now - last_poll >= POLL_S:
-            last_poll = now
-            slots = {slot for _, slot in running.values()}
-            refs = {slot: session.workers[slot].progress.remote() for slot in slots}
-            for slot, ref in refs.items():
-                try:
-                    _, tokens = ray.get(ref, timeout=POLL_S)
-                    bar.running[slot] = int(tokens)
-                except Exception:  # noqa: BLE001 - a worker restarting or busy: keep its last figure
-                    pass
         bar.report()
     return out
 
@@ -659,14 +642,19 @@ def _summary(record: dict[str, Any]) -> dict[str, Any]:
 
 
 class _OrderedMerge:
-    """Merges finished shards in shard order while the others are still being scanned: shard ``i`` is loaded,
-    checked against the plan and pushed into the :class:`TreeMerge` as soon as shards ``0 .. i-1`` are in, so the
-    result (and its float rounding) is the same whatever order the shards finish in, and little is left to merge
-    after the last one."""
+    """Merges finished shards in shard order: shard ``i`` is loaded, checked against the plan and pushed into the
+    :class:`TreeMerge` once shards ``0 .. i-1`` are in, so the result (and its float rounding) is the same whatever
+    order the shards finish in.
+
+    ``eager``: merge while the other shards are still being scanned (little is left after the last one), else all
+    at the end. A driver on a cluster merges eagerly; a driver sharing its machine with the workers (a local Ray)
+    waits: merging would take cycles from workers whose torch threads fill every core (a preempted thread stalls
+    the others at the next barrier), and the merge after the last shard costs about what it would have taken from
+    them (~0.7 s a shard for the embedded model's 30 layers)."""
 
     def __init__(self, store: ShardStore, plan: Plan, index: dict[str, Any], shards: list[int],
-                 build: Callable[[dict[str, Any]], ScanState] | None = None) -> None:
-        self.store, self.plan, self.index, self.build = store, plan, index, build
+                 build: Callable[[dict[str, Any]], ScanState] | None = None, *, eager: bool = True) -> None:
+        self.store, self.plan, self.index, self.build, self.eager = store, plan, index, build, eager
         self.order = sorted(shards)  # every shard with windows
         self.ready: set[int] = set()
         self.at = 0
@@ -674,8 +662,12 @@ class _OrderedMerge:
         self.seconds = 0.0
 
     def add(self, shard: int) -> None:
-        """Shard ``shard`` is finished: merge it and any later ones now next in order."""
+        """Shard ``shard`` is finished: merge it and any later ones now next in order (when eager)."""
         self.ready.add(shard)
+        if self.eager:
+            self._advance()
+
+    def _advance(self) -> None:
         t = time.perf_counter()
         while self.at < len(self.order) and self.order[self.at] in self.ready:
             self.tree.push(self._load(self.order[self.at]))
@@ -683,6 +675,7 @@ class _OrderedMerge:
         self.seconds += time.perf_counter() - t
 
     def result(self) -> ScanState | None:
+        self._advance()
         if self.at < len(self.order):
             raise RunDirError(f"shard {self.order[self.at]} is missing from {self.store.location}")
         return self.tree.result()
