@@ -59,9 +59,12 @@ class ExplainState(ScanState):
         self.windows.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`scores_state` and the fingerprints (what a shard of the held-out pass stores)."""
-        return {**self.scores_state(), "corpus_fp": f"{self.corpus_fp:064x}", "batches_done": self.batches_done,
-                "model_fp": self.model_fp, "settings": self.settings}
+        """The mergeable statistics (layers, feature counts, counters) and the fingerprints: what a shard of the
+        held-out pass stores."""
+        return {"layers": {k: v.state_dict() for k, v in self.layers.items()}, "feature_counts": self.feature_counts,
+                "tokens": self.tokens, "n_windows": self.n_windows, "documents": self.documents,
+                "fold_documents": self.fold_documents, "corpus_fp": f"{self.corpus_fp:064x}",
+                "batches_done": self.batches_done, "model_fp": self.model_fp, "settings": self.settings}
 
     def load(self, state: dict[str, Any]) -> ExplainState:
         """Fill this fresh state (:meth:`HeldoutScanner.new_explain_state`) from a :meth:`state_dict`."""
@@ -77,11 +80,6 @@ class ExplainState(ScanState):
         self.model_fp, self.settings = state["model_fp"], state["settings"]
         return self
 
-    def scores_state(self) -> dict[str, Any]:
-        """The mergeable statistics (for shards): layers, feature counts, counters."""
-        return {"layers": {k: v.state_dict() for k, v in self.layers.items()}, "feature_counts": self.feature_counts,
-                "tokens": self.tokens, "n_windows": self.n_windows, "documents": self.documents,
-                "fold_documents": self.fold_documents, "corpus_fp": self.corpus_fp}
 
 
 class HeldoutScanner(Scanner):
